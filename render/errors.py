@@ -1,0 +1,61 @@
+"""Errors a user can fix, each located in a file.
+
+A user mistake is reported as ``file:line:col: key.path: message`` with no traceback;
+anything else escaping the CLI is our bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a value sits in a job file (line and column are 1-based)."""
+
+    file: str
+    line: int = 0
+    col: int = 0
+
+    def __str__(self) -> str:
+        if not self.line:
+            return self.file
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+class UserError(Exception):
+    """A mistake in the user's input; printed as one line, never with a traceback."""
+
+
+class JobError(UserError):
+    """One error located in a job file."""
+
+    def __init__(self, where: Location | None, key: str, message: str) -> None:
+        self.where = where
+        self.key = key
+        self.message = message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        parts = [str(self.where)] if self.where else []
+        if self.key:
+            parts.append(self.key)
+        parts.append(self.message)
+        return ": ".join(parts)
+
+
+class JobErrors(UserError):
+    """Every error found in one pass over the input, reported together."""
+
+    def __init__(self, errors: list[JobError]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(str(e) for e in errors))
+
+
+class FieldError(ValueError):
+    """Raised by a field validator; ``subkey`` points below the field (``0.scale``)."""
+
+    def __init__(self, message: str, subkey: str = "") -> None:
+        self.message = message
+        self.subkey = subkey
+        super().__init__(message)

@@ -1,0 +1,162 @@
+"""Every hook a plugin can implement, in the order the stages call them.
+
+A plugin is a module (or object) with functions named like these, decorated with
+``render.hookimpl``. Built-in features in ``plugins/`` use exactly the same hooks.
+Misspelled hook names are rejected at start-up (pluggy's ``check_pending``).
+
+Example, a plugin that claims a ``grain:`` key and adds film grain after rendering::
+
+    from render import hookimpl
+
+    @hookimpl
+    def register_task_fields(register):
+        register("grain", lambda value, ctx: float(value))
+
+    @hookimpl
+    def postprocess(result, task):
+        amount = task.sections.get("grain")
+        if amount:
+            result.images = [add_grain(im, amount) for im in result.images]
+        return result
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("render")
+hookimpl = pluggy.HookimplMarker("render")
+
+
+# -- load ------------------------------------------------------------------------------------
+@hookspec
+def register_task_fields(register: Any) -> None:
+    """Claim job-file keys. Call ``register(key, validator, *, where="task", doc="")``.
+
+    ``validator(value, ctx)`` returns the normalised value or raises
+    ``render.errors.FieldError(message, subkey)``; ``ctx`` is a ``render.fields.FieldContext``
+    (``ctx.base_dir`` to resolve relative paths, ``ctx.file``). ``where="output"`` claims a
+    key of the ``output:`` section instead (e.g. ``save_control``). A key nobody claims is an
+    error with a did-you-mean. Example::
+
+        @hookimpl
+        def register_task_fields(register):
+            register("lora", validate_lora_section, doc="LoRA name -> weight")
+    """
+
+
+# -- expand ----------------------------------------------------------------------------------
+@hookspec
+def expand_task(task: Any) -> list[Any] | None:
+    """Rewrite or multiply a freshly expanded task; return a list to replace it, None to keep.
+
+    Runs after wildcards, grid and seeds, before preflight. The LoRA plugin uses it to merge
+    inline ``<lora:name:w>`` tags into its section. Example::
+
+        @hookimpl
+        def expand_task(task):
+            if "<lora:" in task.prompt:
+                return [dataclasses.replace(task, sections={**task.sections, "lora": ...})]
+    """
+
+
+# -- plan (preflight) ------------------------------------------------------------------------
+@hookspec
+def task_files(task: Any, models: Any) -> dict[str, Any] | None:
+    """Resolve every file the plugin's section names; return ``{label: FileRef}``.
+
+    ``models`` is the run's ``render.models.ModelResolver`` (``models.find(kind, name)``,
+    ``models.file_ref(kind, name, path)``); ``task.files["model"]`` is already resolved (its
+    ``family`` says sd1/sd2/sdxl). Raise ``FieldError(message, subkey)`` for a missing or
+    incompatible file: it becomes a ``file:line`` error before anything renders. The hashes
+    go into the task id, the infotext and the provenance. Example::
+
+        @hookimpl
+        def task_files(task, models):
+            section = task.sections.get("lora") or {}
+            return {f"lora:{n}": models.file_ref("lora", n, models.find("lora", n)) for n in section}
+    """
+
+
+@hookspec
+def group_key(task: Any) -> Any:
+    """Return a hashable value: tasks with different values never share a pipeline call.
+
+    Example: the LoRA stack ``tuple(sorted(task.sections["lora"].items()))``.
+    """
+
+
+# -- render ----------------------------------------------------------------------------------
+@hookspec(firstresult=True)
+def pipeline_class(task: Any, family: str) -> str | None:
+    """Name the diffusers pipeline class for this task (first non-None answer wins).
+
+    The core answers last with the family's txt2img/img2img/inpaint pipeline. Example::
+
+        @hookimpl
+        def pipeline_class(task, family):
+            if task.sections.get("controlnet"):
+                return "StableDiffusionXLControlNetPipeline" if family == "sdxl" else ...
+    """
+
+
+@hookspec
+def pipeline_components(task: Any, family: str, loader: Any) -> dict[str, Any] | None:
+    """Extra components to pass to ``from_pipe`` (a ControlNetModel, a MotionAdapter).
+
+    ``loader`` is the engine's ``render.engine.ComponentCache``: ``loader.get(key, build)``
+    builds a component once per process and moves it to the engine's device and dtype.
+    """
+
+
+@hookspec
+def configure_pipeline(pipe: Any, batch: Any) -> None:
+    """Prepare the pipeline for one batch: LoRA adapters and weights, memory options.
+
+    Called before every batch with the batch's tasks (``batch.tasks``); undo here whatever a
+    previous batch set that this one must not have.
+    """
+
+
+@hookspec
+def task_inputs(task: Any, pipe: Any) -> dict[str, Any] | None:
+    """Extra ``pipe(...)`` keyword arguments for one task (control image, depth map ...).
+
+    Values for the same keyword from all tasks of a batch are stacked into a list.
+    """
+
+
+# -- post ------------------------------------------------------------------------------------
+@hookspec
+def postprocess(result: Any, task: Any) -> Any:
+    """Transform a result after rendering (upscale, ...). Return the new result or None."""
+
+
+# -- write -----------------------------------------------------------------------------------
+@hookspec
+def result_metadata(task: Any, result: Any) -> dict[str, str] | None:
+    """Fields for the A1111 infotext, e.g. ``{"Lora hashes": '"a: 1234abcd"'}``.
+
+    They are written after the core fields, in plugin order; values are final strings.
+    """
+
+
+@hookspec(firstresult=True)
+def write_output(result: Any, path: Any, fmt: str) -> list[Any] | None:
+    """Write ``result`` to ``path`` (extension already set) in format ``fmt``.
+
+    Return the list of files written, or None when this plugin does not handle ``fmt``.
+    Write atomically (``render.output.atomic_write``). The core handles png, webp and jpg.
+    """
+
+
+# -- report ----------------------------------------------------------------------------------
+@hookspec
+def run_finished(run: Any) -> None:
+    """Called once after the last write, also for partial or failed runs.
+
+    ``run`` is a ``render.report.RunReport`` (output root, ledger, jobs, counts). Grid sheets
+    and the gallery are built here by the core.
+    """

@@ -1,0 +1,188 @@
+"""The values that flow between stages: jobs, tasks, file references, batches and results.
+
+Every stage takes the previous stage's values and returns new ones (``dataclasses.replace``),
+so data flows one way: load -> expand -> plan -> render -> post -> write -> report.
+Pure Python: no torch here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from render.errors import Location
+
+#: Keys of a task whose values decide its pixels (besides plugin sections and file hashes).
+PIXEL_KEYS = (
+    "prompt", "negative", "seed", "width", "height", "steps", "cfg", "sampler", "schedule",
+    "clip_skip", "strength",
+)
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """A file a task uses, found on disk (or a hub id), with the hashes A1111 and we record."""
+
+    kind: str                 # "checkpoint", "vae", "lora", "embedding", "controlnet", "image", ...
+    name: str                 # the name as the user wrote it (or the file stem)
+    path: str                 # absolute path, or the hub id when ``hub`` is true
+    sha256: str = ""          # full sha256 of the file (of the weight files, for a folder)
+    short_hash: str = ""      # A1111's "Model hash": sha256[:10]
+    family: str | None = None  # "sd1" | "sd2" | "sdxl" for models; None for plain files
+    hub: bool = False
+    extra: Mapping[str, Any] = field(default_factory=dict)  # e.g. lora's A1111 "addnet" hash
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "name": self.name, "path": self.path, "sha256": self.sha256,
+            "short_hash": self.short_hash, "family": self.family, "hub": self.hub,
+            **({"extra": dict(self.extra)} if self.extra else {}),
+        }
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """A job's ``output:`` section after defaults are applied."""
+
+    dir: str = "out/{job}"
+    name: str = "{index:05}-{seed}"
+    format: str = "png"
+    grid: bool = True
+    options: Mapping[str, Any] = field(default_factory=dict)  # plugin-claimed output keys
+
+
+@dataclass(frozen=True)
+class Job:
+    """One entry of ``jobs:`` with everything expansion and output naming need."""
+
+    name: str
+    file: str                  # the job file, as given on the command line
+    base_dir: Path             # the job file's folder; relative paths start here
+    where: Location            # the job entry in the job file
+    output: OutputSpec
+    grid_axes: tuple[str, ...] = ()   # grid axis keys in the order written (first = X)
+    zip_axes: tuple[str, ...] = ()
+    task_count: int = 0
+
+
+@dataclass(frozen=True)
+class Task:
+    """One output image (or animation): every setting resolved, nothing left to look up.
+
+    ``sections`` holds each plugin's section (``lora``, ``controlnet`` ...) as its validator
+    normalised it. ``files`` and ``id`` are filled in by preflight (``render.plan``), once
+    every name has been resolved to a file and hashed.
+    """
+
+    job: str
+    index: int
+    prompt: str                     # after wildcards, as written (A1111 tags kept)
+    negative: str
+    seed: int
+    model: str                      # as written: alias, file name, path or hub id
+    width: int
+    height: int
+    steps: int
+    cfg: float
+    sampler: str                    # canonical A1111 name, e.g. "DPM++ 2M"
+    schedule: str = "Automatic"     # A1111 schedule type: Automatic, Karras, ...
+    clip_skip: int = 1
+    vae: str | None = None
+    image: str | None = None        # absolute path: img2img / inpainting input
+    strength: float | None = None   # img2img denoising strength
+    mask: str | None = None         # absolute path: makes the task inpainting
+    sections: Mapping[str, Any] = field(default_factory=dict)
+    template: str = ""              # the prompt before wildcard expansion
+    picks: tuple[str, ...] = ()     # the wildcard values chosen, in order
+    axes: Mapping[str, Any] = field(default_factory=dict)  # grid/zip key -> this task's value
+    where: Location | None = None   # the job entry in the job file, for preflight errors
+    files: Mapping[str, FileRef] = field(default_factory=dict)
+    id: str = ""
+
+    @property
+    def kind(self) -> str:
+        """The core pipeline kind: txt2img, img2img or inpaint."""
+        if self.mask:
+            return "inpaint"
+        if self.image:
+            return "img2img"
+        return "txt2img"
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+    def pixel_settings(self) -> dict[str, Any]:
+        """Everything that decides the pixels, in a JSON-able form (the basis of the id)."""
+        data: dict[str, Any] = {k: getattr(self, k) for k in PIXEL_KEYS}
+        data["kind"] = self.kind
+        data["sections"] = _jsonable(self.sections)
+        data["files"] = {
+            label: (ref.path if ref.hub else ref.sha256) for label, ref in sorted(self.files.items())
+        }
+        if "model" not in self.files:
+            data["model"] = self.model
+        return data
+
+    def compute_id(self) -> str:
+        """A content hash of what decides the pixels: same settings, same id, any run."""
+        blob = json.dumps(self.pixel_settings(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def to_json(self) -> dict[str, Any]:
+        """The resolved task as written to ``--dry-run --json`` and the provenance chunk."""
+        data: dict[str, Any] = {
+            "id": self.id, "job": self.job, "index": self.index, "prompt": self.prompt,
+            "negative": self.negative, "seed": self.seed, "steps": self.steps, "cfg": self.cfg,
+            "sampler": self.sampler, "schedule": self.schedule, "width": self.width,
+            "height": self.height, "model": self.model, "clip_skip": self.clip_skip,
+            "vae": self.vae, "image": self.image, "strength": self.strength, "mask": self.mask,
+            "template": self.template, "picks": list(self.picks), "axes": _jsonable(self.axes),
+        }
+        data.update(_jsonable(self.sections))
+        if self.files:
+            data["files"] = {label: ref.to_json() for label, ref in sorted(self.files.items())}
+        return data
+
+
+def _jsonable(value: Any) -> Any:
+    """Mappings and sequences as plain dicts/lists so they serialise and compare stably."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Tasks that share one pipeline call (same model, kind, size, steps, sampler, ...)."""
+
+    key: tuple[Any, ...]
+    tasks: tuple[Task, ...]
+
+    @property
+    def first(self) -> Task:
+        return self.tasks[0]
+
+
+@dataclass
+class Result:
+    """What the render stage produced for one task, on its way to the writers.
+
+    ``images`` holds one PIL image, or the frames of an animation. ``infotext`` fields are
+    collected from the core and the ``result_metadata`` hook; ``extras`` are side files
+    (e.g. a ControlNet's preprocessed image) keyed by a suffix for their file name.
+    """
+
+    task: Task
+    images: list[Any]
+    infotext_fields: dict[str, str] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)   # e.g. "vae tiling" after an OOM
