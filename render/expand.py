@@ -1,0 +1,712 @@
+"""Job file -> validated job plans -> a flat, streamed list of tasks.
+
+Like dvc's ``matrix``: a declarative file expands into a flat task list, and every error
+names ``file:line:col`` and the key path. Expansion order (fixed by JOBS.md): prompt
+expansions x product(grid axes) x zip rows x seeds; ``index`` counts from 0 within a job.
+The task count of a job is known before a single task is built, so an accidental
+10^9-task grid is refused instantly. Pure Python: no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import itertools
+import json
+import math
+import random
+import re
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from render import jobfile, wildcards
+from render.errors import FieldError, JobError, JobErrors, Location
+from render.fields import (
+    AXIS_ONLY_KEYS,
+    CORE_FIELDS,
+    EXPANSION_KEYS,
+    JOB_ONLY_KEYS,
+    FieldContext,
+    describe,
+    expect_bool,
+    expect_int,
+    expect_str,
+)
+from render.jobfile import MarkedList, MarkedMap
+from render.plugins import FieldSpec, Plugins
+from render.tasks import Job, OutputSpec, Task
+
+TOP_LEVEL_KEYS = ("version", "model_dirs", "wildcard_dirs", "models", "output", "defaults",
+                  "jobs")
+OUTPUT_KEYS = ("dir", "name", "format", "grid")
+OUTPUT_FORMATS = ("png", "webp", "jpg")
+MODEL_MAPPING_KEYS = ("source", "vae", "config", "allow_pickle", "prediction")
+JOB_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+MAX_SEED = 2**64 - 1
+
+#: Task defaults when neither ``defaults:`` nor the job sets a key (A1111's defaults).
+BUILTIN_DEFAULTS: dict[str, Any] = {
+    "prompt": "", "negative": "", "size": "512x512", "steps": 20, "cfg": 7,
+    "sampler": "Euler a", "clip_skip": 1, "vae": None, "image": None, "strength": None,
+    "mask": None,
+}
+
+
+# -- what loading produces ----------------------------------------------------------------------
+
+@dataclass
+class Axis:
+    """One grid or zip axis: a key (maybe dotted) and its raw values with their locations."""
+
+    key: str
+    values: list[Any]
+    where: list[Location]
+
+    @property
+    def top(self) -> str:
+        return self.key.split(".", 1)[0]
+
+
+@dataclass
+class JobPlan:
+    """One validated job: enough to count and stream its tasks without re-validation."""
+
+    job: Job
+    raw: dict[str, Any]                      # merged defaults + job, raw YAML values
+    locations: dict[str, Location]           # top-level key -> where it was written
+    key_paths: dict[str, str]                # top-level key -> "jobs[1].cfg" / "defaults.cfg"
+    grid: list[Axis]
+    zip: list[Axis]
+    seeds: list[int]
+    mode: str                                # "random" | "combinatorial"
+    draws: int                               # random mode: prompt draws
+    prompt_count: int
+    file: JobFile = field(repr=False)
+
+    @property
+    def task_count(self) -> int:
+        zip_rows = len(self.zip[0].values) if self.zip else 1
+        return (self.prompt_count * math.prod(len(a.values) for a in self.grid) * zip_rows
+                * len(self.seeds))
+
+    def locate(self, key_path: str) -> tuple[Location | None, str]:
+        """Where a (dotted) key of this job was written, and how to name it in an error."""
+        top, _, rest = key_path.partition(".")
+        where = self.locations.get(top, self.job.where)
+        container = self.raw.get(top)
+        for part in rest.split(".") if rest else []:
+            index: Any = int(part) if part.isdigit() else part
+            if isinstance(container, (MarkedMap, MarkedList)):
+                try:
+                    where = jobfile.where(container, index) or where
+                    container = container[index]
+                    continue
+                except (KeyError, IndexError, TypeError):
+                    pass
+            break
+        prefix = self.key_paths.get(top, f"jobs[{self.job.name}].{top}")
+        return where, prefix + _format_subkey(rest)
+
+
+@dataclass
+class JobFile:
+    """A loaded, fully validated job file."""
+
+    path: str
+    base_dir: Path
+    model_dirs: list[Path]
+    wildcard_dirs: list[Path]
+    models: dict[str, Any]
+    jobs: list[JobPlan]
+    plugins: Plugins
+    library: wildcards.Library
+    fields: dict[tuple[str, str], FieldSpec]
+    _cache: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def task_count(self) -> int:
+        return sum(plan.task_count for plan in self.jobs)
+
+    def normalise(self, key: str, raw: Any) -> Any:
+        """Validate one top-level task key (cached: a grid revisits the same values)."""
+        token = json.dumps(jobfile.plain(raw), sort_keys=True, default=str)
+        cached = self._cache.get((key, token))
+        if cached is None:
+            ctx = FieldContext(self.path, self.base_dir)
+            validator = CORE_FIELDS.get(key) or self.fields[("task", key)].validator
+            cached = (validator(raw, ctx),)
+            self._cache[(key, token)] = cached
+        return cached[0]
+
+
+def _format_subkey(rest: str) -> str:
+    if not rest:
+        return ""
+    return "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in rest.split("."))
+
+
+# -- loading and validation ---------------------------------------------------------------------
+
+class _Collector:
+    """Gathers every error of a file so one run reports them all."""
+
+    def __init__(self) -> None:
+        self.errors: list[JobError] = []
+
+    def add(self, where: Location | None, key: str, message: str) -> None:
+        self.errors.append(JobError(where, key, message))
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def load_job_file(path: str | Path, plugins: Plugins) -> JobFile:
+    """Load and validate a whole job file; raise ``JobErrors`` listing every problem."""
+    name = str(path)
+    data = jobfile.load(name)
+    errors = _Collector()
+    base_dir = Path(name).resolve().parent
+    if not isinstance(data, MarkedMap):
+        raise JobErrors([JobError(Location(name, 1, 1), "", "expected a mapping at the top "
+                                  "level (version, defaults, jobs, ...)")])
+    for key in data:
+        if key not in TOP_LEVEL_KEYS:
+            errors.add(jobfile.where(data, key), str(key),
+                       f"unknown key{_did_you_mean(str(key), list(TOP_LEVEL_KEYS))}")
+    if "version" not in data:
+        errors.add(data.where, "version", "missing; add 'version: 1' at the top")
+    elif data["version"] != 1:
+        errors.add(jobfile.where(data, "version"), "version",
+                   f"unsupported version {describe(data['version'])}; this render reads "
+                   "version 1")
+
+    model_dirs = _dir_list(data, "model_dirs", base_dir, errors, default=["models"])
+    wildcard_dirs = _dir_list(data, "wildcard_dirs", base_dir, errors, default=["wildcards"])
+    models = _models(data, errors)
+    fields = plugins.fields()
+    output_defaults = _mapping(data, "output", "output", errors)
+    defaults = _mapping(data, "defaults", "defaults", errors)
+
+    library = wildcards.Library(wildcard_dirs)
+    jf = JobFile(name, base_dir, model_dirs, wildcard_dirs, models, [], plugins, library, fields)
+
+    jobs = data.get("jobs")
+    if jobs is None:
+        errors.add(data.where, "jobs", "missing; list at least one job under 'jobs:'")
+    elif not isinstance(jobs, MarkedList) or not jobs:
+        errors.add(jobfile.where(data, "jobs"), "jobs", "expected a non-empty list of jobs")
+    else:
+        seen: dict[str, Location] = {}
+        for i, entry in enumerate(jobs):
+            plan = _job(jf, i, entry, jobfile.where(jobs, i), defaults, output_defaults,
+                        seen, errors)
+            if plan is not None:
+                jf.jobs.append(plan)
+    if errors.errors:
+        raise JobErrors(errors.errors)
+    return jf
+
+
+def _mapping(container: MarkedMap, key: str, path: str, errors: _Collector) -> MarkedMap:
+    value = container.get(key)
+    if value is None:
+        empty = MarkedMap()
+        empty.where, empty.marks = jobfile.where(container, key), {}
+        return empty
+    if not isinstance(value, MarkedMap):
+        errors.add(jobfile.where(container, key), path, f"expected a mapping, got {describe(value)}")
+        empty = MarkedMap()
+        empty.where, empty.marks = jobfile.where(container, key), {}
+        return empty
+    return value
+
+
+def _dir_list(data: MarkedMap, key: str, base_dir: Path, errors: _Collector,
+              default: list[str]) -> list[Path]:
+    value = data.get(key, default)
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        errors.add(jobfile.where(data, key), key, f"expected a list of folders, got "
+                   f"{describe(value)}")
+        return []
+    return [(base_dir / Path(v).expanduser()).resolve() for v in value]
+
+
+def _models(data: MarkedMap, errors: _Collector) -> dict[str, Any]:
+    models = _mapping(data, "models", "models", errors)
+    result: dict[str, Any] = {}
+    for alias, value in models.items():
+        key = f"models.{alias}"
+        where = jobfile.where(models, alias)
+        if isinstance(value, str) and value.strip():
+            result[str(alias)] = value
+        elif isinstance(value, MarkedMap):
+            for sub in value:
+                if sub not in MODEL_MAPPING_KEYS:
+                    errors.add(jobfile.where(value, sub), f"{key}.{sub}", "unknown key"
+                               + _did_you_mean(str(sub), list(MODEL_MAPPING_KEYS)))
+            if not isinstance(value.get("source"), str):
+                errors.add(where, f"{key}.source", "missing; give the hub id, path or file name")
+            if "allow_pickle" in value and not isinstance(value["allow_pickle"], bool):
+                errors.add(jobfile.where(value, "allow_pickle"), f"{key}.allow_pickle",
+                           f"expected true or false, got {describe(value['allow_pickle'])}")
+            result[str(alias)] = jobfile.plain(value)
+        else:
+            errors.add(where, key, f"expected a hub id, a path or a mapping, got "
+                       f"{describe(value)}")
+    return result
+
+
+def _job(jf: JobFile, i: int, entry: Any, entry_where: Location | None, defaults: MarkedMap,
+         output_defaults: MarkedMap, seen: dict[str, Location],
+         errors: _Collector) -> JobPlan | None:
+    prefix = f"jobs[{i}]"
+    if not isinstance(entry, MarkedMap):
+        errors.add(entry_where, prefix, f"expected a mapping (name, prompt, ...), got "
+                   f"{describe(entry)}")
+        return None
+    before = len(errors.errors)
+    name = entry.get("name")
+    if name is None:
+        errors.add(entry.where, f"{prefix}.name", "missing; every job needs a unique name")
+        name = f"job{i}"
+    elif not isinstance(name, str) or not JOB_NAME.match(name):
+        errors.add(jobfile.where(entry, "name"), f"{prefix}.name",
+                   f"expected letters, digits, '_', '.' or '-', got {describe(name)}")
+        name = f"job{i}"
+    elif name in seen:
+        errors.add(jobfile.where(entry, "name"), f"{prefix}.name",
+                   f"duplicate job name {name!r} (first used at line {seen[name].line})")
+    else:
+        seen[name] = jobfile.where(entry, "name") or Location(jf.path)
+
+    raw: dict[str, Any] = dict(BUILTIN_DEFAULTS)
+    locations: dict[str, Location] = {}
+    key_paths: dict[str, str] = {}
+    for source, source_prefix in ((defaults, "defaults"), (entry, prefix)):
+        for key, value in source.items():
+            if key in JOB_ONLY_KEYS:
+                if source is defaults:
+                    errors.add(jobfile.where(source, key), f"defaults.{key}",
+                               "only allowed on a job entry")
+                continue
+            raw[key] = value
+            locations[key] = jobfile.where(source, key) or entry.where
+            key_paths[key] = f"{source_prefix}.{key}"
+    known = sorted(set(CORE_FIELDS) | set(EXPANSION_KEYS) | set(JOB_ONLY_KEYS)
+                   | {k for (w, k) in jf.fields if w == "task"})
+
+    def err(key: str, message: str, where: Location | None = None, path: str | None = None) -> None:
+        errors.add(where or locations.get(key, entry.where), path or key_paths.get(key, key),
+                   message)
+
+    def check(key: str, value: Any, where: Location | None = None,
+              path: str | None = None) -> bool:
+        """Validate a top-level key's raw value; record a located error on failure."""
+        try:
+            jf.normalise(key, value)
+            return True
+        except FieldError as exc:
+            sub_where, sub_path = _sub_location(value, exc.subkey, where or locations.get(key))
+            err(key, exc.message, sub_where, (path or key_paths.get(key, key)) + sub_path)
+            return False
+
+    for key in list(raw):
+        if key in EXPANSION_KEYS or key in CORE_FIELDS:
+            if key in CORE_FIELDS and key in locations:
+                check(key, raw[key])
+            continue
+        if ("task", key) in jf.fields:
+            check(key, raw[key])
+            continue
+        failure = jf.plugins.failure_for(key)
+        if failure:
+            err(key, f"needs plugin {failure.name!r} ({failure.source}), which failed to "
+                f"load: {failure.error}")
+        else:
+            err(key, "unknown key" + _did_you_mean(key, known))
+        raw.pop(key)
+
+    if not raw.get("model") and "model" not in {str(k).split(".")[0] for k in
+                                                  (raw.get("grid") or {})}:
+        err("model", "missing; set 'model' in defaults or on the job", entry.where,
+            f"{prefix}.model")
+    output = _output(jf, entry, output_defaults, prefix, errors)
+    grid = _axes(jf, raw, entry, "grid", prefix, errors, check)
+    zip_axes = _axes(jf, raw, entry, "zip", prefix, errors, check)
+    if zip_axes and len({len(a.values) for a in zip_axes}) > 1:
+        lengths = ", ".join(f"{a.key}: {len(a.values)}" for a in zip_axes)
+        err("zip", f"zip axes must have the same length, got {lengths}")
+    for axis in grid:
+        if axis.key in {a.key for a in zip_axes}:
+            err("zip", f"{axis.key!r} is both a grid and a zip axis")
+    axis_tops = {a.top for a in grid + zip_axes}
+    seeds = _seeds(raw, locations, key_paths, errors, entry)
+    if "seed" in axis_tops and len(seeds) > 1:
+        err("seeds", "a job with a 'seed' axis takes its seeds from the axis; remove 'seeds'")
+    if "seed" in axis_tops:
+        seeds = seeds[:1]
+
+    mode = raw.get("wildcards", "random")
+    if mode not in ("random", "combinatorial"):
+        err("wildcards", f"expected 'random' or 'combinatorial', got {describe(mode)}")
+        mode = "random"
+    draws = 1
+    if "count" in raw:
+        try:
+            draws = expect_int(raw["count"], minimum=1)
+        except FieldError as exc:
+            err("count", exc.message)
+    prompt_count = 1
+    if "prompt" not in axis_tops:
+        prompt_count = _prompt_count(jf, raw, mode, draws, err)
+    for axis in grid + zip_axes:
+        if axis.top in ("prompt", "negative"):
+            for value, where in zip(axis.values, axis.where):
+                _check_template(jf, value, lambda m, w=where, k=axis.key: err(k, m, w,
+                                f"{prefix}.grid.{k}"))
+    if "negative" in raw:
+        _check_template(jf, raw["negative"], lambda m: err("negative", m))
+    for axis in grid + zip_axes:
+        if axis.key == "prompt_sr":
+            template = str(raw.get("prompt", ""))
+            first = str(axis.values[0]) if axis.values else ""
+            if first not in template:
+                err("grid", f"prompt_sr: the first value {first!r} must appear in the prompt",
+                    axis.where[0] if axis.where else None, f"{prefix}.grid.prompt_sr")
+
+    if len(errors.errors) > before:
+        return None
+    job = Job(name=str(name), file=jf.path, base_dir=jf.base_dir, where=entry.where,
+              output=output, grid_axes=tuple(a.key for a in grid),
+              zip_axes=tuple(a.key for a in zip_axes))
+    plan = JobPlan(job, raw, locations, key_paths, grid, zip_axes, seeds, mode, draws,
+                   prompt_count, jf)
+    plan.job = dataclasses.replace(job, task_count=plan.task_count)
+    return plan
+
+
+def _sub_location(value: Any, subkey: str, where: Location | None) -> tuple[Location | None, str]:
+    """Follow a validator's ``subkey`` ("0.scale") into the marked YAML for a precise line."""
+    if not subkey:
+        return where, ""
+    container = value
+    for part in subkey.split("."):
+        index: Any = int(part) if part.isdigit() else part
+        if isinstance(container, (MarkedMap, MarkedList)):
+            try:
+                where = jobfile.where(container, index) or where
+                container = container[index]
+                continue
+            except (KeyError, IndexError, TypeError):
+                pass
+        break
+    return where, _format_subkey(subkey)
+
+
+def _output(jf: JobFile, entry: MarkedMap, defaults: MarkedMap, prefix: str,
+            errors: _Collector) -> OutputSpec:
+    from render import output as output_module
+
+    merged: dict[str, Any] = {}
+    where: dict[str, tuple[Location | None, str]] = {}
+    job_output = _mapping(entry, "output", f"{prefix}.output", errors)
+    for source, path in ((defaults, "output"), (job_output, f"{prefix}.output")):
+        for key, value in source.items():
+            merged[key] = value
+            where[key] = (jobfile.where(source, key), f"{path}.{key}")
+    spec = OutputSpec()
+    values: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    plugin_keys = {k for (w, k) in jf.fields if w == "output"}
+    ctx = FieldContext(jf.path, jf.base_dir)
+    for key, value in merged.items():
+        loc, path = where[key]
+        try:
+            if key in ("dir", "name"):
+                values[key] = expect_str(value, what="a name template", allow_empty=False)
+            elif key == "format":
+                fmt = expect_str(value, what="an output format").lower()
+                fmt = "jpg" if fmt == "jpeg" else fmt
+                if fmt not in OUTPUT_FORMATS:
+                    raise FieldError(f"expected one of {', '.join(OUTPUT_FORMATS)}, got "
+                                     f"{describe(value)}")
+                values[key] = fmt
+            elif key == "grid":
+                values[key] = expect_bool(value)
+            elif key in plugin_keys:
+                options[key] = jf.fields[("output", key)].validator(value, ctx)
+            else:
+                raise FieldError("unknown key" + _did_you_mean(
+                    str(key), list(OUTPUT_KEYS) + sorted(plugin_keys)))
+        except FieldError as exc:
+            errors.add(loc, path, exc.message)
+    spec = dataclasses.replace(spec, **values, options=options)
+    try:
+        output_module.check_output_spec(spec, _name_fields(entry))
+    except ValueError as exc:
+        key = "name" if str(exc).startswith("output.name") else "dir"
+        loc, path = where.get(key, (entry.where, f"{prefix}.output.{key}"))
+        errors.add(loc, path, str(exc))
+    return spec
+
+
+def _name_fields(entry: MarkedMap) -> set[str]:
+    """Template fields allowed in output names: the standard ones plus this job's axes."""
+    from render import output as output_module
+
+    allowed = set(output_module.BUILTIN_FIELDS)
+    for section in ("grid", "zip"):
+        axes = entry.get(section)
+        if isinstance(axes, dict):
+            allowed.update(str(k) for k in axes)
+    return allowed
+
+
+def _axes(jf: JobFile, raw: dict[str, Any], entry: MarkedMap, section: str, prefix: str,
+          errors: _Collector, check: Any) -> list[Axis]:
+    value = raw.get(section)
+    if value is None:
+        return []
+    section_where = jobfile.where(entry, section)
+    if not isinstance(value, MarkedMap):
+        errors.add(section_where, f"{prefix}.{section}",
+                   f"expected a mapping of key: [values], got {describe(value)}")
+        return []
+    axes = []
+    task_keys = set(CORE_FIELDS) | {k for (w, k) in jf.fields if w == "task"}
+    for key, values in value.items():
+        key = str(key)
+        path = f"{prefix}.{section}.{key}"
+        where = jobfile.where(value, key)
+        top = key.split(".", 1)[0]
+        if top not in task_keys and key not in AXIS_ONLY_KEYS and key != "seed":
+            failure = jf.plugins.failure_for(top)
+            hint = (f"needs plugin {failure.name!r}, which failed to load: {failure.error}"
+                    if failure else "unknown key" + _did_you_mean(
+                        top, sorted(task_keys | set(AXIS_ONLY_KEYS) | {"seed"})))
+            errors.add(where, path, f"{hint}")
+            continue
+        if not isinstance(values, MarkedList) or not values:
+            errors.add(where, path, f"expected a non-empty list of values, got "
+                       f"{describe(values)}")
+            continue
+        axis = Axis(key, list(values), list(values.marks))
+        ok = True
+        for item, item_where in zip(values, values.marks):
+            if key == "seed":
+                try:
+                    expect_int(item, minimum=0, maximum=MAX_SEED, what="a seed")
+                except FieldError as exc:
+                    errors.add(item_where, path, exc.message)
+                    ok = False
+            elif key == "prompt_sr":
+                if not isinstance(item, str):
+                    errors.add(item_where, path, f"expected text, got {describe(item)}")
+                    ok = False
+            elif "." in key:
+                try:
+                    patched = _apply_dotted(raw.get(top), key.split(".")[1:], item)
+                except FieldError as exc:
+                    errors.add(item_where, path, exc.message)
+                    ok = False
+                    continue
+                ok &= check(top, patched, item_where, path)
+            else:
+                ok &= check(top, item, item_where, path)
+        if ok:
+            axes.append(axis)
+    return axes
+
+
+def _apply_dotted(container: Any, parts: list[str], value: Any) -> Any:
+    """A copy of ``container`` with ``parts`` (e.g. ["0", "scale"]) set to ``value``."""
+    if not parts:
+        return value
+    head, rest = parts[0], parts[1:]
+    if head.isdigit():
+        if not isinstance(container, list) or int(head) >= len(container):
+            raise FieldError(f"no item {head} to vary: the job's list has "
+                             f"{len(container) if isinstance(container, list) else 0} items")
+        copy = list(container)
+        copy[int(head)] = _apply_dotted(copy[int(head)], rest, value)
+        return copy
+    if container is None:
+        container = {}
+    if not isinstance(container, dict):
+        raise FieldError(f"cannot set {head!r}: the job's value is not a mapping")
+    copy = dict(container)
+    copy[head] = _apply_dotted(copy.get(head), rest, value)
+    return copy
+
+
+def _seeds(raw: dict[str, Any], locations: dict[str, Location], key_paths: dict[str, str],
+           errors: _Collector, entry: MarkedMap) -> list[int]:
+    def fail(key: str, message: str) -> list[int]:
+        errors.add(locations.get(key, entry.where), key_paths.get(key, key), message)
+        return [0]
+
+    base = raw.get("seed", 0)
+    if base == "random":
+        base = secrets.randbelow(2**32)
+    elif isinstance(base, bool) or not isinstance(base, int) or not 0 <= base <= MAX_SEED:
+        return fail("seed", f"expected a seed (integer >= 0) or 'random', got {describe(base)}")
+    try:
+        return parse_seeds(raw.get("seeds", 1), base)
+    except ValueError as exc:
+        return fail("seeds", str(exc))
+
+
+def parse_seeds(value: Any, base: int = 0) -> list[int]:
+    """``N`` -> N seeds from ``base``; ``[1, 5]``; ``"100-107"`` (inclusive); ``"random"``."""
+    if value == "random":
+        return [secrets.randbelow(2**32)]
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError(f"expected a seed count >= 1, got {value}")
+        if base + value - 1 > MAX_SEED:
+            raise ValueError(f"seeds from {base} overflow the largest seed")
+        return list(range(base, base + value))
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value)
+        if match:
+            low, high = int(match.group(1)), int(match.group(2))
+            if high < low:
+                raise ValueError(f"seed range {value!r} runs backwards")
+            if high > MAX_SEED:
+                raise ValueError(f"seed range {value!r} exceeds the largest seed")
+            return list(range(low, high + 1))
+    if isinstance(value, list) and value:
+        seeds = []
+        for item in value:
+            if isinstance(item, bool) or not isinstance(item, int) or not 0 <= item <= MAX_SEED:
+                raise ValueError(f"expected seeds as integers >= 0, got {describe(item)}")
+            seeds.append(item)
+        return seeds
+    raise ValueError(f"expected a count, a list of seeds, a range like '100-107' or "
+                     f"'random', got {describe(value)}")
+
+
+def _check_template(jf: JobFile, template: Any, report: Any) -> int:
+    try:
+        return wildcards.count(str(template), jf.library)
+    except wildcards.WildcardError as exc:
+        report(exc.message)
+        return 0
+
+
+def _prompt_count(jf: JobFile, raw: dict[str, Any], mode: str, draws: int, err: Any) -> int:
+    template = str(raw.get("prompt") or "")
+    combos = _check_template(jf, template, lambda m: err("prompt", m))
+    if combos == 0:
+        return 1
+    if mode == "combinatorial":
+        return combos
+    return draws if combos > 1 else 1
+
+
+# -- streaming the tasks ------------------------------------------------------------------------
+
+def _rng(*parts: Any) -> random.Random:
+    """A generator seeded from stable text, independent of Python's hash randomisation."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def _prompt_expansions(plan: JobPlan) -> Iterator[wildcards.Expansion]:
+    template = str(plan.raw.get("prompt") or "")
+    if plan.mode == "combinatorial":
+        yield from wildcards.combinations(template, plan.file.library)
+        return
+    for draw in range(plan.prompt_count):
+        yield wildcards.sample(template, plan.file.library, _rng(plan.job.name, plan.seeds[0],
+                                                                draw))
+
+
+def iter_tasks(plan: JobPlan) -> Iterator[Task]:
+    """Stream the job's tasks in JOBS.md order, without building the whole list."""
+    jf = plan.file
+    base = {key: jf.normalise(key, value) for key, value in plan.raw.items()
+            if key in CORE_FIELDS or ("task", key) in jf.fields}
+    grid_values = [list(zip(a.values, range(len(a.values)))) for a in plan.grid]
+    zip_rows = list(zip(*(a.values for a in plan.zip))) if plan.zip else [()]
+    index = 0
+    prompt_is_axis = any(a.top == "prompt" for a in plan.grid + plan.zip)
+    expansions: Any = ([wildcards.Expansion("", ())] if prompt_is_axis
+                       else _prompt_expansions(plan))
+    for draw, expansion in enumerate(expansions):
+        for cell in itertools.product(*grid_values):
+            for row in zip_rows:
+                overrides: dict[str, Any] = {}
+                for axis, (value, _) in zip(plan.grid, cell):
+                    overrides[axis.key] = value
+                for axis, value in zip(plan.zip, row):
+                    overrides[axis.key] = value
+                for seed in plan.seeds:
+                    yield _build_task(plan, base, overrides, expansion, draw, seed, index)
+                    index += 1
+
+
+def _build_task(plan: JobPlan, base: dict[str, Any], overrides: dict[str, Any],
+                expansion: wildcards.Expansion, draw: int, seed: int, index: int) -> Task:
+    jf = plan.file
+    settings = dict(base)
+    raw_sections: dict[str, Any] = {}
+    for key, value in overrides.items():
+        top = key.split(".", 1)[0]
+        if key in ("seed", "prompt_sr"):
+            continue
+        if "." in key:
+            current = raw_sections.get(top, plan.raw.get(top))
+            raw_sections[top] = _apply_dotted(current, key.split(".")[1:], value)
+        else:
+            raw_sections[top] = value
+    for top, value in raw_sections.items():
+        settings[top] = jf.normalise(top, value)
+    seed = overrides.get("seed", seed)
+
+    rng = _rng(plan.job.name, seed, draw, index)
+    template = str(plan.raw.get("prompt") or "")
+    prompt, picks = expansion.text, tuple(expansion.picks)
+    if "prompt" in raw_sections:
+        template = str(raw_sections["prompt"])
+        sampled = wildcards.sample(template, jf.library, rng)
+        prompt, picks = sampled.text, tuple(sampled.picks)
+    if "prompt_sr" in overrides:
+        axis = next(a for a in plan.grid + plan.zip if a.key == "prompt_sr")
+        prompt = prompt.replace(str(axis.values[0]), str(overrides["prompt_sr"]))
+    negative = wildcards.sample(str(settings.get("negative") or ""), jf.library, rng).text
+
+    width, height = settings.pop("size")
+    width = settings.pop("width", None) or width
+    height = settings.pop("height", None) or height
+    sampler, embedded_schedule = settings.pop("sampler")
+    schedule = settings.pop("schedule", None) or embedded_schedule or "Automatic"
+    sections = {k: v for k, v in settings.items() if k not in CORE_FIELDS}
+    return Task(
+        job=plan.job.name, index=index, prompt=prompt, negative=negative, seed=seed,
+        model=settings.get("model") or "", width=width, height=height,
+        steps=settings["steps"], cfg=settings["cfg"], sampler=sampler, schedule=schedule,
+        clip_skip=settings["clip_skip"], vae=settings.get("vae"), image=settings.get("image"),
+        strength=settings.get("strength"), mask=settings.get("mask"), sections=sections,
+        template=template, picks=picks, axes=dict(overrides), where=plan.job.where,
+    )
+
+
+def plugin_expand(task: Task, plugins: Plugins) -> list[Task]:
+    """Run each plugin's ``expand_task`` in turn; a returned list replaces the task."""
+    tasks = [task]
+    for impl in plugins.pm.hook.expand_task.get_hookimpls():
+        next_tasks: list[Task] = []
+        for current in tasks:
+            replaced = impl.function(task=current)
+            next_tasks.extend(replaced if replaced is not None else [current])
+        tasks = next_tasks
+    return tasks

@@ -1,0 +1,161 @@
+"""Preflight and planning: resolve every file, give each task its id, group into batches.
+
+Preflight runs over every task before the first render, so a missing model, LoRA or image
+stops the run with a ``file:line`` error instead of failing at 3 a.m. after an hour of work.
+Planning then drops tasks the ledger already holds and orders the rest so each model loads
+once (the most expensive switch outermost, as A1111's X/Y/Z plot does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from render.errors import FieldError, JobError, JobErrors
+from render.expand import JobFile, JobPlan
+from render.tasks import Batch, FileRef, Task
+
+
+class Preflight:
+    """Resolves the files of tasks from one job file; remembers answers per name."""
+
+    def __init__(self, jf: JobFile) -> None:
+        from render.models import ModelResolver
+
+        self.jf = jf
+        self.models = ModelResolver(jf.model_dirs, jf.models, jf.base_dir)
+        self.errors: list[JobError] = []
+        self._seen_errors: set[str] = set()
+        self._cache: dict[tuple[str, str], FileRef | FieldError] = {}
+
+    def _ref(self, kind: str, name: str) -> FileRef:
+        key = (kind, name)
+        if key not in self._cache:
+            try:
+                if kind == "checkpoint":
+                    self._cache[key] = self.models.resolve_model(name)
+                elif kind == "image":
+                    self._cache[key] = self.models.file_ref("image", name, name)
+                else:
+                    path = self.models.find(kind, name)
+                    self._cache[key] = self.models.file_ref(kind, name, path)
+            except FieldError as exc:
+                self._cache[key] = exc
+        found = self._cache[key]
+        if isinstance(found, FieldError):
+            raise found
+        return found
+
+    def _fail(self, plan: JobPlan, key: str, exc: FieldError) -> None:
+        where, path = plan.locate(key + (f".{exc.subkey}" if exc.subkey else ""))
+        error = JobError(where, path, exc.message)
+        if str(error) not in self._seen_errors:
+            self._seen_errors.add(str(error))
+            self.errors.append(error)
+
+    def resolve(self, task: Task, plan: JobPlan) -> Task | None:
+        """The task with ``files`` and ``id`` filled in, or None after recording an error."""
+        files: dict[str, FileRef] = {}
+        failed = False
+        checks: list[tuple[str, str, str | None]] = [("model", "checkpoint", task.model)]
+        alias = self.jf.models.get(task.model)
+        vae = task.vae or (alias.get("vae") if isinstance(alias, dict) else None)
+        checks += [("vae", "vae", vae), ("image", "image", task.image),
+                   ("mask", "image", task.mask)]
+        for label, kind, name in checks:
+            if not name:
+                continue
+            try:
+                files[label] = self._ref(kind, name)
+            except FieldError as exc:
+                self._fail(plan, label, exc)
+                failed = True
+        if failed:
+            return None
+        task = dataclasses.replace(task, files=files)
+        hook = self.jf.plugins.pm.hook
+        for impl in hook.task_files.get_hookimpls():
+            try:
+                extra = impl.function(task=task, models=self.models)
+            except FieldError as exc:
+                key = _plugin_key(task, self.jf.plugins.pm.get_name(impl.plugin))
+                self._fail(plan, key, exc)
+                return None
+            if extra:
+                files.update(extra)
+        task = dataclasses.replace(task, files=dict(files))
+        return dataclasses.replace(task, id=task.compute_id())
+
+
+def _plugin_key(task: Task, plugin_name: str | None) -> str:
+    """The section a plugin owns, to locate its preflight errors (plugin name == key)."""
+    if plugin_name and plugin_name in task.sections:
+        return plugin_name
+    return next(iter(task.sections), "model")
+
+
+def preflight(tasks: Iterable[tuple[Task, JobPlan]], checker: Preflight) -> list[Task]:
+    """Resolve every task; raise ``JobErrors`` with every distinct problem found."""
+    resolved = []
+    for task, plan in tasks:
+        done = checker.resolve(task, plan)
+        if done is not None:
+            resolved.append(done)
+    if checker.errors:
+        raise JobErrors(checker.errors)
+    return resolved
+
+
+def group_key(task: Task, plugin_keys: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Tasks with equal keys can share one pipeline call."""
+    model = task.files.get("model")
+    vae = task.files.get("vae")
+    return (
+        model.path if model else task.model,
+        task.kind, task.width, task.height, task.steps, task.cfg, task.sampler,
+        task.schedule, task.clip_skip, vae.path if vae else None, task.strength,
+        plugin_keys,
+    )
+
+
+def _plugin_group_keys(task: Task, hook: Any) -> tuple[Any, ...]:
+    return tuple(_freeze(v) for v in hook.group_key(task=task) if v is not None)
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def make_batches(tasks: Iterable[Task], hook: Any, batch_size: int) -> list[Batch]:
+    """Group tasks, order groups model-outermost, split each group into batches.
+
+    Within a model, groups keep the order of their first task so a run renders in roughly
+    the order the job file reads. ``batch_size`` < 1 means one batch per group (the caller
+    splits further when the engine picks a size from free memory).
+    """
+    groups: dict[tuple[Any, ...], list[Task]] = {}
+    first_seen: dict[Any, int] = {}
+    for position, task in enumerate(tasks):
+        key = group_key(task, _plugin_group_keys(task, hook))
+        groups.setdefault(key, []).append(task)
+        first_seen.setdefault(key[0], position)
+    ordered = sorted(groups.items(), key=lambda item: first_seen[item[0][0]])
+    batches = []
+    for key, members in ordered:
+        size = batch_size if batch_size > 0 else len(members)
+        for start in range(0, len(members), size):
+            batches.append(Batch(key, tuple(members[start:start + size])))
+    return batches
+
+
+def split(batches: Iterable[Batch], size_for: Any) -> Iterator[Batch]:
+    """Split batches further with a per-batch size (``size_for(first_task) -> int``)."""
+    for batch in batches:
+        size = max(1, size_for(batch.first))
+        for start in range(0, len(batch.tasks), size):
+            yield Batch(batch.key, batch.tasks[start:start + size])

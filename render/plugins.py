@@ -1,0 +1,195 @@
+"""Find, load and register plugins: built-ins, installed entry points, ``--plugins-dir``.
+
+Built-in features in the repository's ``plugins/`` folder are loaded by exactly the same
+code path as a user's ``--plugins-dir`` (as datasette does with its default plugins). A plugin
+file that fails to import is recorded with its error instead of stopping the run: only the
+job keys it would have claimed fail validation.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import sys
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+from render import hookspecs
+
+BUILTIN_PLUGINS_DIR = Path(__file__).resolve().parent.parent / "plugins"
+ENTRY_POINT_GROUP = "render"
+
+#: Core hook implementations (module, attribute), registered before any plugin.
+CORE_HOOKS = (("render.output", "core_writers"),)
+
+
+@dataclass(frozen=True)
+class PluginFailure:
+    """A plugin that could not be loaded, kept to explain the job keys it would have owned."""
+
+    name: str
+    source: str
+    error: str
+
+
+@dataclass
+class FieldSpec:
+    """A job-file key claimed by a plugin (or the core) with its validator."""
+
+    key: str
+    validator: Callable[[Any, Any], Any]
+    plugin: str
+    where: str = "task"
+    doc: str = ""
+
+
+@dataclass
+class Plugins:
+    """The loaded plugin manager plus what was learned while loading it."""
+
+    pm: pluggy.PluginManager
+    failures: list[PluginFailure] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)   # plugin name -> file or dist
+
+    @property
+    def hook(self) -> Any:
+        return self.pm.hook
+
+    def fields(self) -> dict[tuple[str, str], FieldSpec]:
+        """Every claimed key as ``{(where, key): FieldSpec}``; two claims of a key is our bug."""
+        claimed: dict[tuple[str, str], FieldSpec] = {}
+        for impl in self.pm.hook.register_task_fields.get_hookimpls():
+            plugin_name = self.pm.get_name(impl.plugin) or "?"
+
+            def register(key: str, validator: Callable[[Any, Any], Any], *,
+                         where: str = "task", doc: str = "", _name: str = plugin_name) -> None:
+                spec = FieldSpec(key, validator, _name, where, doc)
+                if (where, key) in claimed:
+                    other = claimed[(where, key)].plugin
+                    raise RuntimeError(f"plugins {other} and {_name} both claim key {key!r}")
+                claimed[(where, key)] = spec
+
+            impl.function(register=register)
+        return claimed
+
+    def failure_for(self, key: str) -> PluginFailure | None:
+        """The failed plugin that probably owned ``key`` (same name as the key)."""
+        for failure in self.failures:
+            if failure.name == key or failure.name.rstrip("s") == key.rstrip("s"):
+                return failure
+        return None
+
+    def describe(self) -> list[tuple[str, str, list[str]]]:
+        """``(name, source, hooks)`` for ``--list-plugins``."""
+        rows = []
+        for plugin in self.pm.get_plugins():
+            name = self.pm.get_name(plugin) or "?"
+            hooks = sorted(c.name for c in self.pm.get_hookcallers(plugin) or [])
+            rows.append((name, self.sources.get(name, ""), hooks))
+        return sorted(rows)
+
+
+def _import_file(path: Path) -> Any:
+    """Import one plugin file under a private module name (no sys.path changes)."""
+    module_name = f"render_plugin_{path.parent.name}_{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(module_name, None)
+        raise
+    return module
+
+
+def _error_line(exc: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()[-1]
+
+
+def load_dir(plugins: Plugins, directory: Path) -> None:
+    """Register every ``*.py`` file of ``directory`` (files starting with ``_`` are skipped)."""
+    for path in sorted(directory.glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        name = path.stem
+        if plugins.pm.has_plugin(name):
+            name = f"{path.parent.name}/{path.stem}"
+        try:
+            module = _import_file(path)
+            plugins.pm.register(module, name=name)
+        except Exception as exc:  # a broken plugin must not stop the other jobs
+            plugins.failures.append(PluginFailure(name, str(path), _error_line(exc)))
+            continue
+        plugins.sources[name] = str(path)
+
+
+def load_entry_points(plugins: Plugins) -> None:
+    """Register plugins that installed packages advertise under the ``render`` group."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if plugins.pm.has_plugin(ep.name):
+            continue
+        try:
+            plugins.pm.register(ep.load(), name=ep.name)
+        except Exception as exc:
+            plugins.failures.append(PluginFailure(ep.name, f"entry point {ep.value}",
+                                                  _error_line(exc)))
+            continue
+        dist = getattr(ep, "dist", None)
+        plugins.sources[ep.name] = f"{dist.name} {dist.version}" if dist else ep.value
+
+
+def load_plugins(plugins_dirs: Iterable[str | Path] = (), *, builtins: bool = True) -> Plugins:
+    """Build the plugin manager: core hooks, built-ins, entry points, then ``plugins_dirs``."""
+    pm = pluggy.PluginManager("render")
+    pm.add_hookspecs(hookspecs)
+    plugins = Plugins(pm)
+    for module_name, attribute in CORE_HOOKS:
+        impl = getattr(importlib.import_module(module_name), attribute)
+        pm.register(impl, name=attribute)
+        plugins.sources[attribute] = f"{module_name} (core)"
+    if builtins:
+        load_dir(plugins, BUILTIN_PLUGINS_DIR)
+    load_entry_points(plugins)
+    for directory in plugins_dirs:
+        load_dir(plugins, Path(directory))
+    _reject_unknown_hooks(plugins)
+    return plugins
+
+
+def hook_names() -> list[str]:
+    """The names of every hook in ``render.hookspecs``."""
+    return sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "render_spec"))
+
+
+def _reject_unknown_hooks(plugins: Plugins) -> None:
+    """A hookimpl with no spec is a misspelling: unload that plugin and say which name."""
+    known = hook_names()
+    while True:
+        try:
+            plugins.pm.check_pending()
+            return
+        except pluggy.PluginValidationError as exc:
+            name = plugins.pm.get_name(exc.plugin) or "?"
+            bad = sorted(
+                c.name for c in plugins.pm.get_hookcallers(exc.plugin) or [] if c.spec is None
+            )
+            hints = []
+            for hook in bad:
+                close = difflib.get_close_matches(hook, known, n=1)
+                hints.append(f"{hook!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            plugins.pm.unregister(exc.plugin)
+            source = plugins.sources.pop(name, "?")
+            plugins.failures.append(
+                PluginFailure(name, source, f"unknown hook {', '.join(hints)}")
+            )

@@ -1,0 +1,228 @@
+"""The stages wired together: load -> expand -> preflight/plan -> render -> post -> write -> report.
+
+Each stage only consumes what the previous one produced. Torch is imported (through
+``render.engine``) only once the run has passed validation and preflight and is not a dry run.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from render import expand
+from render.errors import JobError, JobErrors, UserError
+from render.expand import JobFile, JobPlan
+from render.plan import Preflight, preflight
+from render.plugins import Plugins, load_plugins
+from render.tasks import Task
+
+log = logging.getLogger("render")
+
+
+# -- load and expand ----------------------------------------------------------------------------
+
+def load_all(paths: list[str], plugins: Plugins) -> list[JobFile]:
+    """Load every job file; report the errors of all files together."""
+    files, errors = [], []
+    for path in paths:
+        try:
+            files.append(expand.load_job_file(path, plugins))
+        except JobErrors as exc:
+            errors.extend(exc.errors)
+        except JobError as exc:
+            errors.append(exc)
+    if errors:
+        raise JobErrors(errors)
+    return files
+
+
+def selected_plans(files: list[JobFile], only: list[str]) -> list[JobPlan]:
+    plans = [plan for jf in files for plan in jf.jobs
+             if not only or any(fnmatch.fnmatchcase(plan.job.name, p) for p in only)]
+    if only and not plans:
+        names = ", ".join(plan.job.name for jf in files for plan in jf.jobs)
+        raise UserError(f"--only {' '.join(only)} matches no job (jobs: {names})")
+    return plans
+
+
+def guard(plans: list[JobPlan], max_tasks: int) -> int:
+    """Refuse an accidental explosion before a single task is built."""
+    total = sum(plan.task_count for plan in plans)
+    if total > max_tasks:
+        worst = max(plans, key=lambda p: p.task_count)
+        raise UserError(
+            f"{worst.job.file}: the selected jobs expand to {total:,} tasks "
+            f"(job {worst.job.name!r}: {worst.task_count:,}), more than --max-tasks "
+            f"{max_tasks:,}; raise it with --max-tasks {total} if you mean it"
+        )
+    return total
+
+
+def expanded(plans: list[JobPlan], plugins: Plugins,
+             limit: int | None) -> Iterator[tuple[Task, JobPlan]]:
+    """Stream (task, plan) pairs, plugin expansion applied, stopping after ``limit``."""
+    produced = 0
+    for plan in plans:
+        for task in expand.iter_tasks(plan):
+            for final in expand.plugin_expand(task, plugins):
+                if limit is not None and produced >= limit:
+                    return
+                produced += 1
+                yield final, plan
+
+
+# -- the commands --------------------------------------------------------------------------------
+
+def list_plugins(args: Any) -> int:
+    plugins = load_plugins(args.plugins_dir)
+    fields = plugins.fields()
+    for name, source, hooks in plugins.describe():
+        keys = sorted(k if w == "task" else f"output.{k}" for (w, k), spec in fields.items()
+                      if spec.plugin == name)
+        print(f"{name:14} {source}")
+        if keys:
+            print(f"{'':14} keys: {', '.join(keys)}")
+        print(f"{'':14} hooks: {', '.join(hooks)}")
+    for failure in plugins.failures:
+        print(f"{failure.name:14} FAILED ({failure.source}): {failure.error}")
+    return 1 if plugins.failures else 0
+
+
+def run(args: Any) -> int:
+    plugins = load_plugins(args.plugins_dir)
+    for failure in plugins.failures:
+        print(f"warning: plugin {failure.name} ({failure.source}) failed to load: "
+              f"{failure.error}", file=sys.stderr)
+    files = load_all(args.jobs, plugins)
+    plans = selected_plans(files, args.only)
+    guard(plans, args.max_tasks)
+    checkers = {id(jf): Preflight(jf) for jf in files}
+    if args.dry_run:
+        return dry_run(plans, plugins, checkers, args)
+    pairs = list(expanded(plans, plugins, args.limit))
+    tasks = []
+    errors: list[JobError] = []
+    for jf in files:
+        checker = checkers[id(jf)]
+        mine = [(t, p) for t, p in pairs if p.file is jf]
+        try:
+            tasks.extend(preflight(mine, checker))
+        except JobErrors as exc:
+            errors.extend(exc.errors)
+    if errors:
+        raise JobErrors(errors)
+    from render.runner import Runner
+
+    return Runner(plans, plugins, args).run(tasks)
+
+
+def dry_run(plans: list[JobPlan], plugins: Plugins, checkers: dict[int, Preflight],
+            args: Any) -> int:
+    """List tasks (table or JSON lines), streaming; nothing is written anywhere."""
+    from render import output
+
+    done_cache: dict[Path, set[str]] = {}
+    stats: dict[str, Counter[str]] = {}
+    needs: dict[str, set[str]] = {}
+    errors: list[JobError] = []
+    out = sys.stdout
+    for task, plan in expanded(plans, plugins, args.limit):
+        checker = checkers[id(plan.file)]
+        resolved = checker.resolve(task, plan)
+        if resolved is None:
+            continue
+        root = output.output_root(plan.job.output.dir, plan.job.base_dir)
+        if root not in done_cache:
+            done_cache[root] = _done_ids_readonly(root)
+        done = resolved.id in done_cache[root]
+        counter = stats.setdefault(plan.job.name, Counter())
+        counter["tasks"] += 1
+        counter["done"] += done
+        files = needs.setdefault(plan.job.name, set())
+        files.update(f"{ref.kind}:{Path(ref.path).name}" for ref in resolved.files.values()
+                     if ref.kind != "image")
+        if args.json:
+            record = resolved.to_json()
+            record["done"] = done
+            out.write(json.dumps(record, default=str) + "\n")
+    for checker in checkers.values():
+        errors.extend(checker.errors)
+    if errors:
+        raise JobErrors(errors)
+    if not args.json:
+        _print_table(plans, stats, needs)
+    return 0
+
+
+def _done_ids_readonly(root: Path) -> set[str]:
+    """Ids the ledger at ``root`` holds as done, read without creating or locking anything."""
+    from render.ledger import read_done_ids
+
+    return read_done_ids(root)
+
+
+def _print_table(plans: list[JobPlan], stats: dict[str, Counter[str]],
+                 needs: dict[str, set[str]]) -> None:
+    rows = [("job", "tasks", "done", "axes", "needs")]
+    total = Counter()
+    for plan in plans:
+        counter = stats.get(plan.job.name, Counter())
+        total.update(counter)
+        axes = " x ".join(f"{a.key}({len(a.values)})" for a in plan.grid)
+        if plan.zip:
+            axes += (" " if axes else "") + "zip(" + ",".join(a.key for a in plan.zip) + ")"
+        if len(plan.seeds) > 1:
+            axes += (" x " if axes else "") + f"seeds({len(plan.seeds)})"
+        if plan.prompt_count > 1:
+            axes = f"prompts({plan.prompt_count})" + (" x " + axes if axes else "")
+        rows.append((plan.job.name, str(counter["tasks"]), str(counter["done"]), axes or "-",
+                     ", ".join(sorted(needs.get(plan.job.name, ()))) or "-"))
+    rows.append(("total", str(total["tasks"]), str(total["done"]), "", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
+
+
+def show(image: str) -> int:
+    from render import metadata
+
+    try:
+        infotext, provenance = metadata.read_metadata(image)
+    except FileNotFoundError:
+        raise UserError(f"{image}: no such file") from None
+    except OSError as exc:
+        raise UserError(f"{image}: cannot read image: {exc}") from None
+    if infotext is None and provenance is None:
+        raise UserError(f"{image}: no generation metadata found")
+    if infotext:
+        print(infotext)
+    if provenance:
+        task = provenance.get("task", {})
+        print(f"\nrender task {task.get('id', '?')} (job {task.get('job')}, index "
+              f"{task.get('index')})")
+        for label, ref in sorted(task.get("files", {}).items()):
+            print(f"  {label}: {ref.get('path')} sha256={ref.get('sha256')}")
+    return 0
+
+
+def replay(args: Any) -> int:
+    from render.replay import replay_image
+
+    return replay_image(args)
+
+
+@dataclass
+class Counts:
+    rendered: int = 0
+    skipped: int = 0
+    failed: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)

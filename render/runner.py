@@ -1,0 +1,304 @@
+"""The render loop: ledger and lock, batches through the engine, writes, the report.
+
+The GPU never waits for the disk: encoding and writing run on one writer thread while the
+next batch renders. The ledger row for a task is committed only after its file is in place,
+so ``kill -9`` at any moment loses at most the images in flight and never leaves a partial
+file under a final name. SIGINT/SIGTERM finish the batch in flight, write it, and stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from render import __version__, output
+from render.errors import UserError
+from render.expand import JobPlan
+from render.plan import make_batches, split
+from render.plugins import Plugins
+from render.tasks import Batch, Job, Result, Task
+
+log = logging.getLogger("render")
+
+EXIT_OK, EXIT_FAILED, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 3, 130
+
+
+@dataclass
+class Counts:
+    """What the summary reports."""
+
+    rendered: int = 0
+    skipped: int = 0
+    failed: int = 0
+    failures: list[tuple[Task, str]] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class RunReport:
+    """Handed to the ``run_finished`` hook: where things are and how the run went."""
+
+    roots: list[Path]
+    jobs: dict[str, Job]
+    ledgers: dict[Path, Any]
+    counts: Counts
+    interrupted: bool
+    grids: dict[str, list[Path]] = field(default_factory=dict)
+
+
+class Runner:
+    """Renders planned tasks; one instance per invocation."""
+
+    def __init__(self, plans: list[JobPlan], plugins: Plugins, args: Any) -> None:
+        self.plans = plans
+        self.plugins = plugins
+        self.hook = plugins.pm.hook
+        self.args = args
+        self.jobs = {plan.job.name: plan.job for plan in plans}
+        self.roots = {name: output.output_root(job.output.dir, job.base_dir).resolve()
+                      for name, job in self.jobs.items()}
+        self.counts = Counts()
+        self.stop = threading.Event()
+        self.engine: Any = None
+        self.ledgers: dict[Path, Any] = {}
+        self._used_paths: dict[Path, str] = {}
+        self._write_error: BaseException | None = None
+
+    # -- signals ---------------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.stop.is_set():
+            raise KeyboardInterrupt
+        self.stop.set()
+        print(f"\n{signal.Signals(signum).name}: finishing the batch in flight, then stopping "
+              "(again to abort)", file=sys.stderr)
+
+    # -- the run ---------------------------------------------------------------------------
+    def run(self, tasks: list[Task]) -> int:
+        from render.ledger import LockedError, RunLock
+
+        roots = sorted(set(self.roots.values()))
+        with ExitStack() as stack:
+            for root in roots:
+                root.mkdir(parents=True, exist_ok=True)
+                try:
+                    stack.enter_context(RunLock(root))
+                except LockedError as exc:
+                    print(f"render: {exc}", file=sys.stderr)
+                    return EXIT_LOCKED
+                output.remove_stale_temps(root)
+            from render.ledger import Ledger
+
+            for root in roots:
+                self.ledgers[root] = stack.enter_context(_closing(Ledger(root)))
+            todo = self._todo(tasks)
+            previous = {s: signal.signal(s, self._on_signal)
+                        for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                self._render_all(todo)
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+            report = self._report()
+        print(self._summary(), file=sys.stderr if self.args.quiet else sys.stdout)
+        if self._write_error is not None:
+            raise self._write_error
+        if report.interrupted:
+            return EXIT_INTERRUPTED
+        return EXIT_FAILED if self.counts.failed else EXIT_OK
+
+    def _todo(self, tasks: list[Task]) -> list[Task]:
+        """Tasks not yet in their ledger (all of them with --force), duplicates dropped."""
+        done: dict[Path, set[str]] = {root: ledger.done_ids()
+                                      for root, ledger in self.ledgers.items()}
+        seen: set[str] = set()
+        todo = []
+        for task in tasks:
+            if task.id in seen:
+                continue
+            seen.add(task.id)
+            if not self.args.force and task.id in done[self.roots[task.job]]:
+                self.counts.skipped += 1
+                continue
+            todo.append(task)
+        return todo
+
+    def _render_all(self, todo: list[Task]) -> None:
+        from render.progress import Progress
+
+        self.progress = Progress(len(todo), quiet=self.args.quiet)
+        if self.counts.skipped:
+            self.progress.skip(self.counts.skipped)
+        if not todo:
+            self.progress.close()
+            return
+        from render.engine import Engine
+
+        self.engine = Engine(self.plugins.pm, device=self.args.device, dtype=self.args.dtype)
+        batches = make_batches(todo, self.hook, self.args.batch_size)
+        if self.args.batch_size <= 0:
+            batches = list(split(batches, self.engine.batch_size_for))
+        pending: list[Future[Any]] = []
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer") as writer:
+            for batch in batches:
+                if self.stop.is_set():
+                    break
+                for result in self._render_batch(batch):
+                    result = self._postprocess(result)
+                    if result is not None:
+                        pending.append(writer.submit(self._write, result))
+                # Bound memory: at most about two batches of images wait for the disk.
+                while len(pending) > 2 * len(batch.tasks):
+                    pending.pop(0).result()
+            for future in pending:
+                future.result()
+        self.progress.close()
+
+    def _render_batch(self, batch: Batch) -> list[Result]:
+        """Render a batch; on failure retry its tasks one by one so one bad task fails alone."""
+        try:
+            return self.engine.render(batch)
+        except Exception as exc:  # isolate: the night goes on
+            if len(batch.tasks) == 1:
+                self._fail(batch.first, exc)
+                return []
+        results = []
+        for task in batch.tasks:
+            try:
+                results.extend(self.engine.render(Batch(batch.key, (task,))))
+            except Exception as exc:
+                self._fail(task, exc)
+        return results
+
+    def _postprocess(self, result: Result) -> Result | None:
+        try:
+            for impl in self.hook.postprocess.get_hookimpls():
+                changed = impl.function(result=result, task=result.task)
+                if changed is not None:
+                    result = changed
+            return result
+        except Exception as exc:
+            self._fail(result.task, exc)
+            return None
+
+    def _fail(self, task: Task, exc: BaseException) -> None:
+        message = f"{type(exc).__name__}: {exc}".strip()
+        log.debug("task %s failed:\n%s", task.short_id, "".join(
+            traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        self.ledgers[self.roots[task.job]].record_failed(task, message)
+        self.counts.failed += 1
+        self.counts.failures.append((task, message))
+        self.progress.advance(task, ok=False)
+
+    # -- write (writer thread) -------------------------------------------------------------
+    def _write(self, result: Result) -> None:
+        task = result.task
+        try:
+            job = self.jobs[task.job]
+            root = self.roots[task.job]
+            path = self._path_for(task, job, root)
+            infotext, prov = self._metadata(result)
+            result.provenance = prov
+            start = time.monotonic()
+            written = self.hook.write_output(result=result, path=path, fmt=job.output.format)
+            if not written:
+                raise UserError(f"no writer for format {job.output.format!r}")
+            for suffix, image in result.extras.items():
+                extra = path.with_name(f"{path.stem}-{suffix}.png")
+                output.atomic_write(extra, lambda p, im=image: im.save(p, format="PNG"))
+                written.append(extra)
+            result.timings["write"] = time.monotonic() - start
+            self.ledgers[root].record_done(task, [str(p) for p in written], result.timings,
+                                           infotext)
+            self.counts.rendered += 1
+            self.progress.advance(task, ok=True)
+        except Exception as exc:
+            self._fail(task, exc)
+
+    def _path_for(self, task: Task, job: Job, root: Path) -> Path:
+        """The task's output path; a clash with another task gets the short id appended."""
+        path = output.output_path(task, job, root)
+        owner = self._used_paths.get(path)
+        if owner is not None and owner != task.id:
+            path = path.with_name(f"{path.stem}-{task.short_id}{path.suffix}")
+        self._used_paths[path] = task.id
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _metadata(self, result: Result) -> tuple[str, dict[str, Any]]:
+        from render import metadata
+
+        task = result.task
+        extra: dict[str, str] = {}
+        for fields in self.hook.result_metadata(task=task, result=result):
+            if fields:
+                extra.update(fields)
+        for note in result.notes:
+            extra.setdefault("Render notes", note)
+        model = task.files.get("model")
+        vae = task.files.get("vae")
+        text = metadata.infotext(
+            task,
+            model_name=Path(model.name).stem if model else task.model,
+            model_hash=model.short_hash if model else "",
+            vae_name=Path(vae.name).stem if vae else None,
+            vae_hash=vae.short_hash if vae else None,
+            extra=extra,
+            version=f"render {__version__}",
+        )
+        described = self.engine.describe() if self.engine else {}
+        versions = {"render": __version__, **described.get("versions", {}),
+                    **{name: "" for name, _, _ in self.plugins.describe()}}
+        prov = metadata.provenance(task, versions=versions, device=described.get("device", ""),
+                                   timings=result.timings, infotext=text)
+        prov["notes"] = list(result.notes)
+        return text, prov
+
+    # -- report ----------------------------------------------------------------------------
+    def _report(self) -> RunReport:
+        from render import gallery, grids
+
+        report = RunReport(sorted(self.ledgers), self.jobs, self.ledgers, self.counts,
+                           self.stop.is_set())
+        for name, job in self.jobs.items():
+            if not (job.output.grid and job.grid_axes):
+                continue
+            rows = self.ledgers[self.roots[name]].rows(job=name)
+            try:
+                report.grids[name] = grids.build_grids(rows, job, output.job_dir(
+                    job, self.roots[name]))
+            except Exception as exc:  # a sheet must never cost the night's images
+                log.warning("grid sheet for job %s failed: %s", name, exc)
+        for root, ledger in self.ledgers.items():
+            try:
+                gallery.build_gallery(root, ledger, report.grids)
+            except Exception as exc:
+                log.warning("gallery for %s failed: %s", root, exc)
+        self.hook.run_finished(run=report)
+        return report
+
+    def _summary(self) -> str:
+        from render.progress import summary
+
+        return summary(self.counts, interrupted=self.stop.is_set())
+
+
+class _closing:
+    """Context manager closing a ledger (sqlite) however the run ends."""
+
+    def __init__(self, thing: Any) -> None:
+        self.thing = thing
+
+    def __enter__(self) -> Any:
+        return self.thing
+
+    def __exit__(self, *exc: Any) -> None:
+        self.thing.close()
