@@ -156,9 +156,17 @@ class _Collector:
 
     def __init__(self) -> None:
         self.errors: list[JobError] = []
+        self._seen: set[str] = set()
 
     def add(self, where: Location | None, key: str, message: str) -> None:
-        self.errors.append(JobError(where, key, message))
+        error = JobError(where, key, message)
+        if str(error) not in self._seen:   # a bad default is reported once, not per job
+            self._seen.add(str(error))
+            self.errors.append(error)
+
+    def sorted(self) -> list[JobError]:
+        return sorted(self.errors, key=lambda e: (e.where.line, e.where.col) if e.where
+                      else (0, 0))
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
@@ -177,7 +185,7 @@ def load_job_file(path: str | Path, plugins: Plugins) -> JobFile:
                                   "level (version, defaults, jobs, ...)")])
     for key in data:
         if key not in TOP_LEVEL_KEYS:
-            errors.add(jobfile.where(data, key), str(key),
+            errors.add(jobfile.where(data, key, of_key=True), str(key),
                        f"unknown key{_did_you_mean(str(key), list(TOP_LEVEL_KEYS))}")
     if "version" not in data:
         errors.add(data.where, "version", "missing; add 'version: 1' at the top")
@@ -209,7 +217,7 @@ def load_job_file(path: str | Path, plugins: Plugins) -> JobFile:
             if plan is not None:
                 jf.jobs.append(plan)
     if errors.errors:
-        raise JobErrors(errors.errors)
+        raise JobErrors(errors.sorted())
     return jf
 
 
@@ -250,7 +258,7 @@ def _models(data: MarkedMap, errors: _Collector) -> dict[str, Any]:
         elif isinstance(value, MarkedMap):
             for sub in value:
                 if sub not in MODEL_MAPPING_KEYS:
-                    errors.add(jobfile.where(value, sub), f"{key}.{sub}", "unknown key"
+                    errors.add(jobfile.where(value, sub, of_key=True), f"{key}.{sub}", "unknown key"
                                + _did_you_mean(str(sub), list(MODEL_MAPPING_KEYS)))
             if not isinstance(value.get("source"), str):
                 errors.add(where, f"{key}.source", "missing; give the hub id, path or file name")
@@ -289,6 +297,7 @@ def _job(jf: JobFile, i: int, entry: Any, entry_where: Location | None, defaults
 
     raw: dict[str, Any] = dict(BUILTIN_DEFAULTS)
     locations: dict[str, Location] = {}
+    key_locations: dict[str, Location] = {}
     key_paths: dict[str, str] = {}
     for source, source_prefix in ((defaults, "defaults"), (entry, prefix)):
         for key, value in source.items():
@@ -299,6 +308,7 @@ def _job(jf: JobFile, i: int, entry: Any, entry_where: Location | None, defaults
                 continue
             raw[key] = value
             locations[key] = jobfile.where(source, key) or entry.where
+            key_locations[key] = jobfile.where(source, key, of_key=True) or entry.where
             key_paths[key] = f"{source_prefix}.{key}"
     known = sorted(set(CORE_FIELDS) | set(EXPANSION_KEYS) | set(JOB_ONLY_KEYS)
                    | {k for (w, k) in jf.fields if w == "task"})
@@ -329,9 +339,9 @@ def _job(jf: JobFile, i: int, entry: Any, entry_where: Location | None, defaults
         failure = jf.plugins.failure_for(key)
         if failure:
             err(key, f"needs plugin {failure.name!r} ({failure.source}), which failed to "
-                f"load: {failure.error}")
+                f"load: {failure.error}", key_locations.get(key))
         else:
-            err(key, "unknown key" + _did_you_mean(key, known))
+            err(key, "unknown key" + _did_you_mean(key, known), key_locations.get(key))
         raw.pop(key)
 
     if not raw.get("model") and "model" not in {str(k).split(".")[0] for k in
@@ -485,7 +495,7 @@ def _axes(jf: JobFile, raw: dict[str, Any], entry: MarkedMap, section: str, pref
     for key, values in value.items():
         key = str(key)
         path = f"{prefix}.{section}.{key}"
-        where = jobfile.where(value, key)
+        where = jobfile.where(value, key, of_key=True)
         top = key.split(".", 1)[0]
         if top not in task_keys and key not in AXIS_ONLY_KEYS and key != "seed":
             failure = jf.plugins.failure_for(top)

@@ -18,7 +18,8 @@ class MarkedMap(dict):
     """A mapping that knows the line/column of itself and of each of its keys."""
 
     where: Location
-    marks: dict[Any, Location]
+    marks: dict[Any, Location]       # the value's position (the key's, for a nested container)
+    key_marks: dict[Any, Location]   # the key's position
 
 
 class MarkedList(list):
@@ -43,6 +44,7 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> MarkedMap:
     result = MarkedMap()
     result.where = _loc(loader, node)
     result.marks = {}
+    result.key_marks = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
         if not isinstance(key, (str, int, float, bool)) or key is None:
@@ -53,6 +55,7 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> MarkedMap:
                            f"duplicate key (first defined at line {first.line})")
         result[key] = loader.construct_object(value_node, deep=True)
         result.marks[key] = _loc(loader, value_node if _is_scalar(value_node) else key_node)
+        result.key_marks[key] = _loc(loader, key_node)
     return result
 
 
@@ -100,12 +103,17 @@ def load(path: str | Path) -> Any:
     return load_text(text, name)
 
 
-def where(container: Any, key: Any = None, default: Location | None = None) -> Location | None:
-    """The location of ``container[key]`` (or of the container itself when key is None)."""
+def where(container: Any, key: Any = None, default: Location | None = None, *,
+          of_key: bool = False) -> Location | None:
+    """The location of ``container[key]`` (or of the container itself when key is None).
+
+    ``of_key`` gives the key's own position (for "unknown key"), not its value's.
+    """
     if key is None:
         return getattr(container, "where", default)
     if isinstance(container, MarkedMap):
-        return container.marks.get(key, container.where)
+        marks = container.key_marks if of_key else container.marks
+        return marks.get(key, container.where)
     if isinstance(container, MarkedList) and isinstance(key, int) and key < len(container.marks):
         return container.marks[key]
     return getattr(container, "where", default)
