@@ -1,0 +1,869 @@
+r"""Prompt templates in the sd-dynamic-prompts syntax: variants, wildcards, counting, expansion.
+
+Why our own parser rather than the ``dynamicprompts`` library:
+
+* the explosion guard must know how many tasks a combinatorial template makes *before*
+  expanding it; :func:`count` is exact and cheap even at 10**12 (it never enumerates);
+* a wildcard that resolves to nothing must be an error naming it (dynamicprompts only logs a
+  warning and returns up to ``max_prompts`` copies of the raw ``__name__`` text);
+* random picks must be deterministic from a seed (``random.Random`` only, nothing that depends
+  on hash randomisation or on the order of a directory listing);
+* A1111 syntax (``(w:1.2)``, ``[a:b:0.5]``, ``[a|b]``, ``<lora:x:0.6>``, ``\(``) must pass
+  through untouched, and a ``#`` or ``50%`` in a prompt must not be a comment or a parse error.
+
+Syntax (``{``, ``}``, ``|`` and ``$$`` are special only as described; everything else is text):
+
+==========================  ==========================================================
+``{a|b|c}``                 one of the options; ``{a|}`` has an empty option; nestable
+``{0.5::a|2::b|c}``         weights (default 1); random mode only, combinatorial lists all
+``{2$$a|b|c}``              2 distinct options, in option order, joined with ``", "``
+``{1-2$$a|b}``              1 to 2 options; ``{-2$$..}`` = 1-2, ``{2-$$..}`` = 2-all
+``{2$$ and $$a|b|c}``       custom joiner (any text without ``$``, ``{``, ``}``)
+``{2$$__name__}``           2 distinct values of one wildcard (the only option is it)
+``__name__``                a value of ``name.txt`` (or a yaml/json key) in wildcard dirs
+``__sub/dir/name__``        a file in a subfolder, or a nested yaml/json key
+``__dir/*__``, ``__*/x__``  glob (``*`` also crosses ``/``, ``?`` is one character):
+                            the union of every matching wildcard's values
+``\{ \} \| \_``             literal ``{ } | _``; ``\\`` and every other ``\x`` stay as written
+==========================  ==========================================================
+
+Decisions (where dynamicprompts differs, or is silent):
+
+* Combinatorial order: the leftmost choice varies slowest; options and values in written
+  order; a multi-pick lists k = low..high, then index combinations in lexicographic order.
+* ``{k$$...}`` picks a *set*: ``{2$$a|b|c}`` gives C(3,2) = 3 expansions ("a, b", "a, c",
+  "b, c"), not dynamicprompts' 6 orderings, and a random pick is put back in option order,
+  so every :func:`sample` is one of the :func:`combinations`. Bounds are clamped to the
+  number of options; empty picks are dropped before joining (no dangling separators).
+* Default joiner ``", "`` as documented by dynamicprompts (its code joins with ``","``).
+* Whitespace: as dynamicprompts, the whitespace at the start of each option (before its
+  weight) is dropped and nothing else; wildcard values are stripped at both ends.
+* Wildcard values are de-duplicated by text (first occurrence wins, as dynamicprompts) but
+  kept in file order (dynamicprompts sorts them). Weights in combinatorial mode are ignored
+  (dynamicprompts repeats a value ``int(weight)`` times).
+* ``.txt``: one value per line; blank lines and lines starting with ``#`` are skipped; a ``#``
+  inside a line, and ``2::x``, are plain text (dynamicprompts too: no weights in txt).
+  ``.yaml``/``.yml``/``.json``: as dynamicprompts, the file name is *not* part of the path:
+  top-level keys are names relative to the file's folder, nested mappings give
+  ``key/sub``, a list or a string holds the values, and a top-level list is named after the
+  file. List items may be ``"2::text"`` or ``{text: ..., weight: 2}``.
+* Several dirs: the first dir that defines a name wins; within one dir a name defined twice
+  is an error when used. No ``**/name`` fallback: the error suggests ``__sub/name__``.
+* Not supported, and an error rather than silently literal: variables ``${...}``, sampler
+  prefixes ``{~..}``, ``{@..}``, ``{!..}``, ``__~x__``, and ``__name(var=x)__``. A ``#`` in a
+  template is text (dynamicprompts treats it as a comment).
+* ``picks`` holds the expanded text of each top-level choice (variant or wildcard) of the
+  template, in template order, so every expansion of a template has the same number.
+"""
+
+from __future__ import annotations
+
+import bisect
+import difflib
+import itertools
+import json
+import math
+import os
+import random
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_NESTING",
+    "Expansion",
+    "Library",
+    "Literal",
+    "Node",
+    "Option",
+    "Seq",
+    "Value",
+    "Variant",
+    "Wildcard",
+    "WildcardError",
+    "combinations",
+    "count",
+    "parse",
+    "sample",
+]
+
+MAX_DEPTH = 32          # wildcards inside wildcard values, deeper than this is an error
+MAX_NESTING = 32        # variants inside variants within one template or value
+DEFAULT_JOINER = ", "
+SUFFIXES = (".txt", ".yaml", ".yml", ".json")
+
+
+class WildcardError(ValueError):
+    """A template or wildcard problem the user can fix; the caller adds the job file:line.
+
+    ``name`` is the wildcard (``__season__``) or the offending text, ``where`` the wildcard
+    file and line the problem sits in, if it is inside a wildcard value.
+    """
+
+    def __init__(self, name: str, message: str, where: str | None = None) -> None:
+        self.name = name
+        self.message = message
+        self.where = where
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}" if self.where else self.message
+
+    def located(self, where: str) -> WildcardError:
+        """The same error, placed in a wildcard file (only the innermost place is kept)."""
+        if self.where is not None:
+            return self
+        return WildcardError(self.name, self.message, where)
+
+
+# --------------------------------------------------------------------------------------------
+# AST
+
+
+@dataclass(frozen=True)
+class Literal:
+    """Plain text, escapes already resolved."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Wildcard:
+    """``__name__``; ``name`` may be a glob."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a variant with its (random-mode) weight."""
+
+    body: Seq
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Variant:
+    """``{lo-hi$$sep$$a|b}``; ``hi`` None means "all options"."""
+
+    options: tuple[Option, ...]
+    lo: int = 1
+    hi: int | None = 1
+    sep: str = DEFAULT_JOINER
+
+    @property
+    def pooled(self) -> Wildcard | None:
+        """The wildcard when the only option is exactly one (``{2$$__x__}`` picks its values)."""
+        if len(self.options) == 1 and len(self.options[0].body.parts) == 1:
+            part = self.options[0].body.parts[0]
+            if isinstance(part, Wildcard):
+                return part
+        return None
+
+
+@dataclass(frozen=True)
+class Seq:
+    """Parts expanded one after another; a template and every option is one."""
+
+    parts: tuple[Node, ...] = ()
+
+
+Node = Literal | Wildcard | Variant | Seq
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """One expanded template; ``picks`` is the text of each top-level choice, in order."""
+
+    text: str
+    picks: tuple[str, ...]
+
+
+# --------------------------------------------------------------------------------------------
+# Parser
+
+_PLAIN = re.compile(r"[^\\{}|$_]+")
+_ESCAPABLE = "{}|_"
+_NAME_EDGE = r"[^\s_{}|()\\$]"
+_WILDCARD = re.compile(rf"__({_NAME_EDGE}(?:(?:(?!__)[^\n\r{{}}|()\\$])*{_NAME_EDGE})?)__")
+_PARAMETERISED = re.compile(rf"__{_NAME_EDGE}(?:(?!__)[^\n\r{{}}|()\\$])*\([^)\n]*\)__")
+_BOUND = re.compile(r"\s*(?:(\d+)(?:(-)(\d+)?)?|-(\d+))\$\$")
+_JOINER = re.compile(r"([^${}]*)\$\$")
+_WEIGHT = re.compile(r"(\d+(?:\.\d*)?|\.\d+)::")
+_MODE_HINT = " (the job's `wildcards:` random/combinatorial mode decides how choices are made)"
+
+
+class _Parser:
+    """Recursive descent over one template; positions are reported 1-based as columns."""
+
+    def __init__(self, text: str) -> None:
+        self.s = text
+        self.i = 0
+        self.depth = 0
+
+    def error(self, message: str, at: int, hint: str = "") -> WildcardError:
+        return WildcardError(self.s, f"{message} at column {at + 1}{hint}")
+
+    def seq(self, in_variant: bool) -> Seq:
+        s, n = self.s, len(self.s)
+        parts: list[Node] = []
+        buf: list[str] = []
+
+        def flush() -> None:
+            if buf:
+                parts.append(Literal("".join(buf)))
+                buf.clear()
+
+        while self.i < n:
+            m = _PLAIN.match(s, self.i)
+            if m:
+                buf.append(m.group())
+                self.i = m.end()
+                continue
+            c = s[self.i]
+            if c == "\\":
+                nxt = s[self.i + 1: self.i + 2]
+                if nxt and nxt in _ESCAPABLE:
+                    buf.append(nxt)
+                    self.i += 2
+                elif nxt == "\\":       # A1111's escaped backslash: keep both, consume both
+                    buf.append("\\\\")
+                    self.i += 2
+                else:
+                    buf.append(c)
+                    self.i += 1
+            elif c == "{":
+                flush()
+                parts.append(self.variant())
+            elif c == "}":
+                if in_variant:
+                    break
+                raise self.error("unmatched '}'", self.i, " (write \\} for a literal '}')")
+            elif c == "|":
+                if in_variant:
+                    break
+                buf.append(c)       # A1111 alternation [a|b] outside braces
+                self.i += 1
+            elif c == "$":
+                if s.startswith("${", self.i):
+                    raise self.error("variables ${...} are not supported", self.i)
+                buf.append(c)
+                self.i += 1
+            else:                   # "_"
+                m = _WILDCARD.match(s, self.i)
+                if m:
+                    name = m.group(1)
+                    if name[0] in "~@!":
+                        raise self.error(f"sampler prefix {name[0]!r} in __{name}__ is not "
+                                         "supported", self.i, _MODE_HINT)
+                    flush()
+                    parts.append(Wildcard(name))
+                    self.i = m.end()
+                    continue
+                if _PARAMETERISED.match(s, self.i):
+                    raise self.error("parameterised wildcards __name(var=...)__ are not "
+                                     "supported", self.i)
+                buf.append(c)
+                self.i += 1
+        flush()
+        return Seq(tuple(parts))
+
+    def variant(self) -> Variant:
+        s = self.s
+        start = self.i
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise self.error(f"variants nested more than {MAX_NESTING} deep", start)
+        self.i += 1
+        lo, hi, sep = 1, 1, DEFAULT_JOINER
+        m = _BOUND.match(s, self.i)
+        if m:
+            exact, dash, upper, only_upper = m.groups()
+            if only_upper is not None:
+                lo, hi = 1, int(only_upper)
+            elif dash:
+                lo, hi = int(exact), int(upper) if upper is not None else None
+            else:
+                lo = hi = int(exact)
+            if hi is not None and lo > hi:
+                raise self.error(f"empty range {lo}-{hi}$$ in variant", start)
+            self.i = m.end()
+            j = _JOINER.match(s, self.i)
+            if j:
+                sep = j.group(1)
+                self.i = j.end()
+        self.i = _skip_space(s, self.i)
+        if self.i < len(s) and s[self.i] in "~@!":
+            raise self.error(f"sampler prefix {s[self.i]!r} in a variant is not supported",
+                             self.i, _MODE_HINT)
+        options: list[Option] = []
+        while True:
+            self.i = _skip_space(s, self.i)
+            weight = 1.0
+            w = _WEIGHT.match(s, self.i)
+            if w:
+                weight = float(w.group(1))
+                self.i = w.end()
+            options.append(Option(self.seq(in_variant=True), weight))
+            if self.i >= len(s):
+                raise self.error("unclosed '{'", start)
+            self.i += 1
+            if s[self.i - 1] == "}":
+                self.depth -= 1
+                return Variant(tuple(options), lo, hi, sep)
+
+
+def _skip_space(s: str, i: int) -> int:
+    while i < len(s) and s[i].isspace():
+        i += 1
+    return i
+
+
+@lru_cache(maxsize=1024)
+def parse(template: str) -> Seq:
+    """Parse a template; raises :class:`WildcardError` (with a column) on a syntax error."""
+    return _Parser(template).seq(in_variant=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Wildcard library
+
+
+@dataclass(frozen=True)
+class Value:
+    """One value of a wildcard, with where it was written (``line`` 0: unknown, JSON)."""
+
+    text: str
+    file: Path
+    line: int
+    node: Seq = field(compare=False, repr=False)
+    weight: float = 1.0
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}" if self.line else str(self.file)
+
+
+@dataclass
+class _Source:
+    """Where a name is defined: a txt file, or a key path inside a yaml/json file."""
+
+    file: Path
+    keys: tuple[str, ...] | None = None     # None: a txt file
+    data: object = None                     # the yaml node or json value of that key
+
+    def label(self, root: Path) -> str:
+        rel = self.file.relative_to(root).as_posix()
+        return f"{rel} ({'/'.join(self.keys)})" if self.keys else rel
+
+
+_ITEM_WEIGHT = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)::(.*)\Z", re.S)
+
+
+class Library:
+    """The wildcard files found in ``dirs``; indexed on first use, values loaded and cached.
+
+    A name is looked up in the dirs in order, the first dir that defines it wins. Files do
+    not change during a run, so counts and values are memoised for the Library's life.
+    """
+
+    def __init__(self, dirs: Sequence[Path | str]) -> None:
+        self.dirs = [Path(d) for d in dirs]
+        self._index: dict[str, tuple[Path, list[_Source]]] | None = None
+        self._problems: list[str] = []
+        self._values: dict[str, tuple[Value, ...]] = {}
+        self._cum: dict[str, list[float]] = {}
+        self._counts: dict[str, int] = {}
+        self._templates: dict[Seq, int] = {}
+        self._pools: dict[str, tuple[list[Seq], list[float]]] = {}
+
+    # -- index ----------------------------------------------------------------------------
+
+    def _build(self) -> dict[str, tuple[Path, list[_Source]]]:
+        if self._index is not None:
+            return self._index
+        index: dict[str, tuple[Path, list[_Source]]] = {}
+        for root in self.dirs:
+            local: dict[str, list[_Source]] = {}
+            for path in _walk(root):
+                rel = path.relative_to(root)
+                suffix = path.suffix.lower()
+                if suffix == ".txt":
+                    local.setdefault(rel.with_suffix("").as_posix(), []).append(_Source(path))
+                    continue
+                folder = rel.parent.as_posix()
+                prefix = "" if folder == "." else folder + "/"
+                try:
+                    found = _structured_names(path)
+                except WildcardError as e:
+                    self._problems.append(str(e))
+                    continue
+                for keys, data in found:
+                    name = prefix + ("/".join(keys) if keys else rel.stem)
+                    local.setdefault(name, []).append(_Source(path, keys, data))
+            for name, sources in local.items():
+                index.setdefault(name, (root, sources))
+        self._index = index
+        return index
+
+    def names(self) -> list[str]:
+        """Every wildcard name (without ``__``), sorted: for listings and did-you-mean."""
+        return sorted(self._build())
+
+    def values(self, name: str) -> list[Value]:
+        """The values of ``name`` (a glob gives the union); raises if none or not found."""
+        return list(self._get(name))
+
+    # -- lookup ---------------------------------------------------------------------------
+
+    def _looked_in(self) -> str:
+        if not self.dirs:
+            return "no wildcard directories are configured"
+        shown = [f"{d}" if d.is_dir() else f"{d} (missing)" for d in self.dirs]
+        return "looked in: " + ", ".join(shown)
+
+    def _get(self, name: str) -> tuple[Value, ...]:
+        cached = self._values.get(name)
+        if cached is not None:
+            return cached
+        label = f"__{name}__"
+        if ".." in name.split("/"):
+            raise WildcardError(label, f"wildcard {label} may not contain '..'")
+        index = self._build()
+        if "*" in name or "?" in name:
+            pattern = re.compile("".join(
+                ".*" if c == "*" else "." if c == "?" else re.escape(c)
+                for c in name.strip("/")))
+            matched = sorted(n for n in index if pattern.fullmatch(n))
+            if not matched:
+                raise WildcardError(
+                    label, f"wildcard {label} matches no wildcard ({self._looked_in()})")
+        else:
+            matched = [name.strip("/")]
+            if matched[0] not in index:
+                raise WildcardError(label, self._not_found(label, matched[0], index))
+        seen: dict[str, Value] = {}
+        for one in matched:
+            root, sources = index[one]
+            if len(sources) > 1:
+                where = " and ".join(s.label(root) for s in sources)
+                raise WildcardError(label, f"wildcard __{one}__ is defined twice in {root}: "
+                                           f"{where}")
+            for value in _load(sources[0], f"__{one}__"):
+                seen.setdefault(value.text, value)
+        if not seen:
+            if len(matched) == 1:
+                root, sources = index[matched[0]]
+                what = sources[0].label(root)
+                raise WildcardError(label, f"wildcard {label} is empty: {root}/{what} has "
+                                           "no values")
+            raise WildcardError(label, f"wildcard {label} is empty: none of the "
+                                       f"{len(matched)} wildcards it matches has values")
+        result = tuple(seen.values())
+        self._values[name] = result
+        return result
+
+    def _not_found(self, label: str, name: str, index: dict[str, object]) -> str:
+        message = f"wildcard {label} not found ({self._looked_in()})"
+        names = sorted(index)
+        hints = [n for n in names if n.lower() == name.lower()]
+        hints = hints or [n for n in names if n.endswith("/" + name)][:3]
+        hints = hints or difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+        if hints:
+            wrapped = [f"__{h}__" for h in hints]
+            told = wrapped[0] if len(wrapped) == 1 else \
+                ", ".join(wrapped[:-1]) + " or " + wrapped[-1]
+            message += f"; did you mean {told}?"
+        if self._problems:
+            message += "; unreadable: " + "; ".join(self._problems)
+        return message
+
+    def _pool(self, name: str) -> tuple[list[Seq], list[float]]:
+        pool = self._pools.get(name)
+        if pool is None:
+            values = self._get(name)
+            pool = self._pools[name] = ([v.node for v in values], [v.weight for v in values])
+        return pool
+
+    def _cum_weights(self, name: str) -> list[float]:
+        cum = self._cum.get(name)
+        if cum is None:
+            cum = list(itertools.accumulate(v.weight for v in self._get(name)))
+            self._cum[name] = cum
+        return cum
+
+    def _count(self, name: str, stack: tuple[str, ...]) -> int:
+        known = self._counts.get(name)
+        if known is not None:
+            return known
+        chain = " -> ".join(f"__{n}__" for n in (*stack, name))
+        if name in stack:
+            raise WildcardError(f"__{name}__", f"wildcard cycle: {chain}")
+        if len(stack) >= MAX_DEPTH:
+            raise WildcardError(f"__{name}__",
+                                f"wildcards nested more than {MAX_DEPTH} levels deep: {chain}")
+        inner = (*stack, name)
+        total = 0
+        for value in self._get(name):
+            try:
+                total += _count(value.node, self, inner)
+            except WildcardError as e:
+                raise e.located(value.where) from None
+        self._counts[name] = total
+        return total
+
+
+def _walk(root: Path) -> list[Path]:
+    """Wildcard files under root in a stable order; hidden entries skipped, link loops too."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    if not root.is_dir():
+        return found
+    for folder, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for filename in sorted(filenames):
+            if not filename.startswith(".") and Path(filename).suffix.lower() in SUFFIXES:
+                found.append(Path(folder) / filename)
+    return found
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise WildcardError(str(path), f"{path}: not UTF-8 text ({e.reason} at byte "
+                                       f"{e.start})") from None
+    except OSError as e:
+        raise WildcardError(str(path), f"{path}: cannot read ({e.strerror})") from None
+
+
+def _pairs(data: object) -> Iterable[tuple[object, object]] | None:
+    """The (key, value) pairs of a json dict or yaml mapping node; None for anything else."""
+    if isinstance(data, dict):
+        return data.items()
+    if isinstance(data, yaml.MappingNode):
+        return ((k.value, v) for k, v in data.value)
+    return None
+
+
+def _structured_names(path: Path) -> list[tuple[tuple[str, ...], object]]:
+    """(key path, data) for each name a yaml/json file defines; () is the file's stem.
+
+    YAML is composed, not loaded, so values keep their line and the text as written.
+    """
+    text = _read(path)
+    data: object
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise WildcardError(str(path), f"{path}:{e.lineno}: invalid JSON: {e.msg}") \
+                from None
+    else:
+        try:
+            data = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f":{mark.line + 1}" if mark else ""
+            raise WildcardError(str(path), f"{path}{at}: invalid YAML: "
+                                           f"{getattr(e, 'problem', e)}") from None
+    top = _pairs(data)
+    if top is None:
+        return [((), data)] if data is not None else []
+    out: list[tuple[tuple[str, ...], object]] = []
+
+    def visit(pairs: Iterable[tuple[object, object]], prefix: tuple[str, ...]) -> None:
+        for key, value in pairs:
+            keys = (*prefix, str(key))
+            inner = _pairs(value)
+            if inner is None:
+                out.append((keys, value))
+            else:
+                visit(inner, keys)
+
+    visit(top, ())
+    return out
+
+
+def _load(source: _Source, label: str) -> list[Value]:
+    """Read one definition's values; a broken line is an error naming its file and line."""
+    raw: list[tuple[str, int, float]] = []
+    if source.keys is None:
+        for number, line in enumerate(_read(source.file).splitlines(), 1):
+            text = line.strip()
+            if text and not text.startswith("#"):
+                raw.append((text, number, 1.0))
+    else:
+        raw = _structured_values(source, label)
+    values = []
+    for text, number, weight in raw:
+        where = f"{source.file}:{number}" if number else str(source.file)
+        try:
+            node = parse(text)
+        except WildcardError as e:
+            raise WildcardError(label, e.message, where) from None
+        values.append(Value(text, source.file, number, node, weight))
+    return values
+
+
+def _structured_values(source: _Source, label: str) -> list[tuple[str, int, float]]:
+    """Flatten one yaml node / json value: a scalar, or a list of text or {text, weight}."""
+    data = source.data
+    items = data.value if isinstance(data, yaml.SequenceNode) else \
+        data if isinstance(data, list) else [data]
+    out: list[tuple[str, int, float]] = []
+    for item in items:
+        line = item.start_mark.line + 1 if isinstance(item, yaml.Node) else 0
+        where = f"{source.file}:{line}" if line else str(source.file)
+        text, weight = _item(item, label, where)
+        if weight < 0 or not math.isfinite(weight):
+            raise WildcardError(label, f"weight {weight} must be a finite number >= 0", where)
+        text = (text or "").strip()
+        if text:
+            out.append((text, line, weight))
+    return out
+
+
+def _item(item: object, label: str, where: str) -> tuple[str | None, float]:
+    """The text and weight of one list item; None for a null (skipped, as dynamicprompts)."""
+    if isinstance(item, yaml.MappingNode):
+        item = {k.value: v.value for k, v in item.value
+                if isinstance(k, yaml.ScalarNode) and isinstance(v, yaml.ScalarNode)}
+    if isinstance(item, dict):
+        text = item.get("text") or item.get("content")
+        if not isinstance(text, str):
+            raise WildcardError(label, "a mapping in a wildcard list needs a `text` (or "
+                                       "`content`) string", where)
+        try:
+            return text, float(item.get("weight", 1))
+        except (TypeError, ValueError):
+            raise WildcardError(label, f"weight {item.get('weight')!r} is not a number",
+                                where) from None
+    if isinstance(item, yaml.ScalarNode):
+        if item.tag == "tag:yaml.org,2002:null":
+            return None, 1.0
+        text = item.value           # as written: `- 1.50` stays "1.50", `- yes` stays "yes"
+    elif isinstance(item, str):
+        text = item
+    elif item is None or isinstance(item, bool):
+        return None, 1.0
+    elif isinstance(item, (int, float)):
+        return str(item), 1.0
+    else:
+        raise WildcardError(label, "a wildcard list item must be text or {text, weight}, "
+                                   "not a nested list", where)
+    m = _ITEM_WEIGHT.match(text)
+    return (m.group(2), float(m.group(1))) if m else (text, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Counting
+
+
+def _bounds(variant: Variant, n: int) -> tuple[int, int]:
+    hi = n if variant.hi is None else min(variant.hi, n)
+    return min(variant.lo, n), hi
+
+
+def _subset_total(counts: list[int], lo: int, hi: int) -> int:
+    """Sum over k in lo..hi of the k-th elementary symmetric polynomial of ``counts``.
+
+    That is the number of ways to pick k distinct options and expand each; all-ones counts
+    are binomials, and a range up to n uses prod(1 + c) minus the terms below ``lo``.
+    """
+    n = len(counts)
+    if all(c == 1 for c in counts):
+        return sum(math.comb(n, k) for k in range(lo, hi + 1))
+    upto = lo - 1 if hi == n else hi
+    e = [1] + [0] * max(upto, 0)
+    for c in counts:
+        for k in range(min(upto, n), 0, -1):
+            e[k] += e[k - 1] * c
+    if hi == n:
+        return math.prod(1 + c for c in counts) - sum(e[:lo])
+    return sum(e[lo:hi + 1])
+
+
+def _pool(variant: Variant, library: Library) -> tuple[list[Seq], list[float], str | None]:
+    """The nodes a variant chooses among, their weights, and the pooled wildcard's name."""
+    wildcard = variant.pooled
+    if wildcard is not None and (variant.lo, variant.hi) != (1, 1):
+        return (*library._pool(wildcard.name), wildcard.name)
+    return [o.body for o in variant.options], [o.weight for o in variant.options], None
+
+
+def _count(node: Node, library: Library, stack: tuple[str, ...]) -> int:
+    if isinstance(node, Literal):
+        return 1
+    if isinstance(node, Seq):
+        return math.prod(_count(p, library, stack) for p in node.parts)
+    if isinstance(node, Wildcard):
+        return library._count(node.name, stack)
+    nodes, _, pooled = _pool(node, library)
+    if pooled is not None:
+        library._count(pooled, stack)       # cycle and depth checks, memoised
+        counts = [_count(n, library, (*stack, pooled)) for n in nodes]
+    else:
+        counts = [_count(n, library, stack) for n in nodes]
+    lo, hi = _bounds(node, len(nodes))
+    return _subset_total(counts, lo, hi)
+
+
+def count(template: str | Seq, library: Library) -> int:
+    """The exact number of combinatorial expansions; never enumerates them.
+
+    Also checks every wildcard the template can reach (not found, empty, cycles), so the
+    same errors come out whatever a seed would have picked.
+    """
+    node = parse(template) if isinstance(template, str) else template
+    known = library._templates.get(node)
+    if known is None:
+        try:
+            known = library._templates[node] = _count(node, library, ())
+        except RecursionError:
+            raise WildcardError(str(template), "template and its wildcards nest too deeply "
+                                               "to expand") from None
+    return known
+
+
+# --------------------------------------------------------------------------------------------
+# Expansion
+
+
+def _product(factories: Sequence[Callable[[], Iterator[str]]]) -> Iterator[tuple[str, ...]]:
+    """Lazy cartesian product, leftmost slowest; right factors are restarted, not stored."""
+    n = len(factories)
+    if n == 0:
+        yield ()
+        return
+    iters = [f() for f in factories]
+    current = [next(it) for it in iters]
+    yield tuple(current)
+    while True:
+        i = n - 1
+        while i >= 0:
+            try:
+                current[i] = next(iters[i])
+                break
+            except StopIteration:
+                i -= 1
+        if i < 0:
+            return
+        for j in range(i + 1, n):
+            iters[j] = factories[j]()
+            current[j] = next(iters[j])
+        yield tuple(current)
+
+
+def _join(texts: Sequence[str], sep: str) -> str:
+    return sep.join(t for t in texts if t)
+
+
+def _factory(node: Node, library: Library) -> Callable[[], Iterator[str]]:
+    return lambda: _gen(node, library)
+
+
+def _parts(seq: Seq, library: Library) -> Iterator[tuple[str, ...]]:
+    return _product([_factory(p, library) for p in seq.parts])
+
+
+def _gen(node: Node, library: Library) -> Iterator[str]:
+    if isinstance(node, Literal):
+        yield node.text
+    elif isinstance(node, Seq):
+        if len(node.parts) == 1:
+            yield from _gen(node.parts[0], library)
+        else:
+            for texts in _parts(node, library):
+                yield "".join(texts)
+    elif isinstance(node, Wildcard):
+        for value in library._get(node.name):
+            yield from _gen(value.node, library)
+    else:
+        nodes, _, _ = _pool(node, library)
+        lo, hi = _bounds(node, len(nodes))
+        for k in range(lo, hi + 1):
+            for chosen in itertools.combinations(nodes, k):
+                for texts in _product([_factory(c, library) for c in chosen]):
+                    yield _join(texts, node.sep)
+
+
+def _choices(seq: Seq) -> list[int]:
+    return [i for i, p in enumerate(seq.parts) if isinstance(p, (Variant, Wildcard))]
+
+
+def combinations(template: str | Seq, library: Library) -> Iterator[Expansion]:
+    """Every expansion, lazily, leftmost choice slowest; yields exactly ``count()`` items.
+
+    Errors are raised here, at the call, not at the first ``next()``.
+    """
+    node = parse(template) if isinstance(template, str) else template
+    count(node, library)
+    chosen = _choices(node)
+
+    def stream() -> Iterator[Expansion]:
+        for texts in _parts(node, library):
+            yield Expansion("".join(texts), tuple(texts[i] for i in chosen))
+
+    return stream()
+
+
+def _pick(rng: random.Random, cum: Sequence[float]) -> int:
+    """Index drawn with probability proportional to weight; uniform if all weights are 0."""
+    total = cum[-1]
+    if total <= 0:
+        return int(rng.random() * len(cum))
+    return min(bisect.bisect_right(cum, rng.random() * total), len(cum) - 1)
+
+
+def _choose(rng: random.Random, weights: list[float], k: int) -> list[int]:
+    """k distinct indices, weighted draws without replacement, returned in index order."""
+    n = len(weights)
+    if k >= n:
+        return list(range(n))
+    left = list(range(n))
+    taken = []
+    for _ in range(k):
+        j = _pick(rng, list(itertools.accumulate(weights[i] for i in left)))
+        taken.append(left.pop(j))
+    return sorted(taken)
+
+
+def _sample(node: Node, library: Library, rng: random.Random) -> str:
+    if isinstance(node, Literal):
+        return node.text
+    if isinstance(node, Seq):
+        return "".join(_sample(p, library, rng) for p in node.parts)
+    if isinstance(node, Wildcard):
+        values = library._get(node.name)
+        return _sample(values[_pick(rng, library._cum_weights(node.name))].node, library, rng)
+    nodes, weights, pooled = _pool(node, library)
+    lo, hi = _bounds(node, len(nodes))
+    k = lo if lo == hi else rng.randint(lo, hi)
+    if k == 1 and len(nodes) > 1:
+        cum = library._cum_weights(pooled) if pooled else list(itertools.accumulate(weights))
+        chosen = [_pick(rng, cum)]
+    else:
+        chosen = _choose(rng, weights, k)
+    return _join([_sample(nodes[i], library, rng) for i in chosen], node.sep)
+
+
+def sample(template: str | Seq, library: Library, rng: random.Random) -> Expansion:
+    """One random expansion drawn with ``rng`` (weights apply); always one of combinations().
+
+    Deterministic for a given ``random.Random(seed)``, whatever PYTHONHASHSEED is.
+    """
+    node = parse(template) if isinstance(template, str) else template
+    count(node, library)
+    texts = [_sample(p, library, rng) for p in node.parts]
+    return Expansion("".join(texts), tuple(texts[i] for i in _choices(node)))
