@@ -1,0 +1,459 @@
+"""The run ledger (``render.db`` in the output root) and the run lock.
+
+The ledger is what makes a night resumable: one SQLite row per task id, committed one at a
+time, in WAL mode with ``synchronous=FULL``, so a crash or ``kill -9`` at any moment loses
+at most the row being written. Callers' contract: ``record_done`` is called only after the
+output file is complete under its final name (``render.output.atomic_write`` returned), so
+a "done" row always points at a whole file. The settings column holds the full resolved task
+(``task.to_json()``, with its axes), so grids and the gallery are rebuilt from the ledger
+alone.
+
+``RunLock`` keeps two runs off one output root: an ``fcntl.flock`` on ``render.lock``, which
+the kernel releases when the process dies (``kill -9`` included), plus the holder's pid,
+host, start time and command in the file for the error message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shlex
+import socket
+import sqlite3
+import sys
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from render.errors import UserError
+from render.tasks import Task
+
+DB_NAME = "render.db"
+LOCK_NAME = "render.lock"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    id         TEXT PRIMARY KEY,
+    job        TEXT NOT NULL,
+    idx        INTEGER NOT NULL,
+    status     TEXT NOT NULL,             -- done | failed | replaced
+    outputs    TEXT NOT NULL DEFAULT '[]', -- JSON list of paths, relative to the root
+    timings    TEXT NOT NULL DEFAULT '{}', -- JSON
+    error      TEXT,
+    infotext   TEXT,
+    settings   TEXT NOT NULL,             -- JSON: task.to_json() + kind + sections
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tasks_job ON tasks (job, idx);
+CREATE TABLE IF NOT EXISTS outputs (
+    path    TEXT PRIMARY KEY,             -- which task's file sits at this path now
+    task_id TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    """One task's entry: where its files are, how it went, and its full settings."""
+
+    id: str
+    job: str
+    index: int
+    status: str
+    paths: tuple[Path, ...]
+    timings: Mapping[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    infotext: str | None = None
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    updated_at: str = ""
+
+    @property
+    def axes(self) -> dict[str, Any]:
+        """The task's grid/zip axis values (key -> value)."""
+        return dict(self.settings.get("axes") or {})
+
+    @property
+    def seed(self) -> int | None:
+        return self.settings.get("seed")
+
+
+def task_settings(task: Task) -> dict[str, Any]:
+    """What the ledger keeps of a task: ``to_json()`` plus its kind and section names."""
+    data = task.to_json()
+    data["kind"] = task.kind
+    data["sections"] = sorted(task.sections)
+    return data
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Ledger:
+    """The SQLite ledger of one output root. Thread-safe; one commit per recorded task."""
+
+    def __init__(self, root: Path | str, *, filename: str = DB_NAME) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.path = self.root / filename
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(
+            self.path, timeout=30, isolation_level=None, check_same_thread=False
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        self._db.executescript(_SCHEMA)  # idempotent; its own transaction
+        with self._transaction():
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise UserError(f"{self.path}: written by a newer render (schema {version})")
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Any:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- paths are stored relative to the root, so the output tree can move --------------------
+    def _rel(self, path: Path | str) -> str:
+        path = Path(path)
+        absolute = Path(os.path.abspath(path))
+        try:
+            return absolute.relative_to(os.path.abspath(self.root)).as_posix()
+        except ValueError:
+            return str(absolute)
+
+    def _abs(self, stored: str) -> Path:
+        path = Path(stored)
+        return path if path.is_absolute() else self.root / path
+
+    # -- writing -------------------------------------------------------------------------------
+    def record_done(
+        self,
+        task: Task,
+        paths: Iterable[Path | str],
+        timings: Mapping[str, float],
+        infotext: str | None,
+    ) -> None:
+        """Record a finished task; call only after its files are complete in place.
+
+        A task that previously owned one of these paths (the user changed a setting, the
+        name stayed) is marked ``replaced``: its file now holds other pixels, so it is no
+        longer done and neither grids nor the gallery show it.
+        """
+        rel = [self._rel(p) for p in paths]
+        now = _now()
+        with self._transaction() as db:
+            for path in rel:
+                owner = db.execute("SELECT task_id FROM outputs WHERE path=?", (path,)).fetchone()
+                if owner and owner[0] != task.id:
+                    db.execute(
+                        "UPDATE tasks SET status='replaced', updated_at=? "
+                        "WHERE id=? AND status='done'", (now, owner[0]),
+                    )
+                db.execute("INSERT OR REPLACE INTO outputs (path, task_id) VALUES (?, ?)",
+                           (path, task.id))
+            marks = ",".join("?" * len(rel))
+            db.execute(f"DELETE FROM outputs WHERE task_id=? AND path NOT IN ({marks})",
+                       (task.id, *rel))
+            self._upsert(db, task, "done", json.dumps(rel), timings, None, infotext, now)
+
+    def record_failed(self, task: Task, error: str) -> None:
+        """Record a task that failed (its error text kept for the summary and gallery)."""
+        with self._transaction() as db:
+            old = db.execute("SELECT outputs FROM tasks WHERE id=?", (task.id,)).fetchone()
+            outputs = old[0] if old else "[]"
+            self._upsert(db, task, "failed", outputs, {}, str(error), None, _now())
+
+    def _upsert(self, db: sqlite3.Connection, task: Task, status: str, outputs: str,
+                timings: Mapping[str, float], error: str | None, infotext: str | None,
+                now: str) -> None:
+        if not task.id:
+            raise ValueError(f"task {task.job}[{task.index}] has no id (run preflight first)")
+        db.execute(
+            "INSERT OR REPLACE INTO tasks "
+            "(id, job, idx, status, outputs, timings, error, infotext, settings, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (task.id, task.job, task.index, status, outputs, json.dumps(dict(timings)), error,
+             infotext, json.dumps(task_settings(task), ensure_ascii=False), now),
+        )
+
+    # -- reading -------------------------------------------------------------------------------
+    def done_ids(self, *, check_files: bool = False) -> set[str]:
+        """Ids of tasks whose outputs are in place; ``check_files`` also checks the disk."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, outputs FROM tasks WHERE status='done'").fetchall()
+        if not check_files:
+            return {r[0] for r in rows}
+        return {r[0] for r in rows if all(self._abs(p).exists() for p in json.loads(r[1]))}
+
+    def rows(self, job: str | None = None, *, status: str | None = None) -> list[LedgerRow]:
+        """Rows (of one job, of one status), ordered by job then index."""
+        sql = ("SELECT id, job, idx, status, outputs, timings, error, infotext, settings, "
+               "updated_at FROM tasks")
+        where, args = [], []
+        if job is not None:
+            where.append("job=?")
+            args.append(job)
+        if status is not None:
+            where.append("status=?")
+            args.append(status)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY job, idx, id"
+        with self._lock:
+            raw = self._db.execute(sql, args).fetchall()
+        return [
+            LedgerRow(
+                id=r[0], job=r[1], index=r[2], status=r[3],
+                paths=tuple(self._abs(p) for p in json.loads(r[4])),
+                timings=json.loads(r[5]), error=r[6], infotext=r[7],
+                settings=json.loads(r[8]), updated_at=r[9],
+            )
+            for r in raw
+        ]
+
+    def jobs(self) -> list[str]:
+        """Job names in the order they first appeared in the ledger."""
+        with self._lock:
+            raw = self._db.execute(
+                "SELECT job FROM tasks GROUP BY job ORDER BY MIN(rowid)").fetchall()
+        return [r[0] for r in raw]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_done_ids(root: Path | str, *, filename: str = DB_NAME) -> set[str]:
+    """Done task ids of the ledger at ``root``, read without creating or locking anything.
+
+    For ``--dry-run``: no ledger yet means nothing done. Safe while a run is writing (WAL).
+    """
+    path = Path(root) / filename
+    if not path.exists():
+        return set()
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    except sqlite3.OperationalError:
+        db = sqlite3.connect(path, timeout=30)
+    try:
+        rows = db.execute("SELECT id FROM tasks WHERE status='done'").fetchall()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return set()
+        raise
+    finally:
+        db.close()
+    return {r[0] for r in rows}
+
+
+# -- processes -------------------------------------------------------------------------------
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks) from /proc, or None where there is no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    rest = text[text.rfind(")") + 2:].split()
+    try:
+        return rest[0], int(rest[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def process_start_ticks(pid: int | None = None) -> int | None:
+    """A process's start time (Linux clock ticks): with the pid, it names one process."""
+    stat = _proc_stat(os.getpid() if pid is None else pid)
+    return stat[1] if stat else None
+
+
+def pid_alive(pid: int, start_ticks: int | None = None) -> bool:
+    """Whether ``pid`` is a live process on this host (zombies and reused pids are not)."""
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    except OSError:
+        return False
+    stat = _proc_stat(pid)
+    if stat is not None:
+        state, ticks = stat
+        if state in ("Z", "X", "x"):
+            return False
+        if start_ticks is not None and ticks != start_ticks:
+            return False
+    return True
+
+
+# -- the run lock ----------------------------------------------------------------------------
+class LockedError(UserError):
+    """Another run holds the output root; the message names it (pid, host, start, command)."""
+
+    def __init__(self, path: Path, info: Mapping[str, Any]) -> None:
+        self.path = path
+        self.info = dict(info)
+        if info.get("pid"):
+            who = (f"pid {info.get('pid')} on {info.get('host', '?')}, started "
+                   f"{info.get('started', '?')}: {info.get('command', '?')}")
+        else:
+            who = "a process that is just starting"
+        super().__init__(f"another render run is using this output folder ({path}): {who}")
+
+
+class RunLock:
+    """Context manager: hold the output root for this run, or raise ``LockedError``.
+
+    The lock is an ``flock`` on ``<root>/render.lock``, released by the kernel when the
+    process ends, however it ends. When the lock is still held but the recorded process is
+    dead on this host (a forked worker inherited the descriptor and outlived its parent),
+    the lock file is replaced and the run goes on. The file is never deleted (deleting a
+    locked file lets two runs lock two different files); it is emptied on release.
+    """
+
+    def __init__(self, root: Path | str, *, command: str | None = None) -> None:
+        self.root = Path(root)
+        self.path = self.root / LOCK_NAME
+        self.command = command if command is not None else shlex.join(sys.argv)
+        self._fd: int | None = None
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(), "host": socket.gethostname(),
+            "started": datetime.now().astimezone().isoformat(sep=" ", timespec="seconds"),
+            "command": self.command, "proc_start": process_start_ticks(),
+        }
+
+    @staticmethod
+    def _read(fd: int) -> dict[str, Any]:
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            data = os.read(fd, 65536)
+            info = json.loads(data.decode("utf-8")) if data.strip() else {}
+        except (OSError, ValueError):
+            return {}
+        return info if isinstance(info, dict) else {}
+
+    def _write(self, fd: int) -> None:
+        data = json.dumps(self.info()).encode("utf-8")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+
+    @staticmethod
+    def _same_file(fd: int, path: Path) -> bool:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return False
+        own = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+    @staticmethod
+    def _holder_dead(info: Mapping[str, Any]) -> bool:
+        pid = info.get("pid")
+        if not isinstance(pid, int) or info.get("host") != socket.gethostname():
+            return False
+        ticks = info.get("proc_start")
+        return not pid_alive(pid, ticks if isinstance(ticks, int) else None)
+
+    def acquire(self) -> RunLock:
+        """Take the lock or raise ``LockedError`` naming the process that holds it."""
+        if self._fd is not None:
+            raise RuntimeError("RunLock is already held")
+        self.root.mkdir(parents=True, exist_ok=True)
+        info: dict[str, Any] = {}
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                info = self._read(fd)
+                os.close(fd)
+                if not self._holder_dead(info):
+                    raise LockedError(self.path, info) from None
+                if self._take_over():
+                    return self
+                continue
+            if not self._same_file(fd, self.path):  # replaced by a take-over meanwhile
+                os.close(fd)
+                continue
+            self._write(fd)
+            self._fd = fd
+            return self
+        raise LockedError(self.path, info)
+
+    def _take_over(self) -> bool:
+        """Replace a lock file held only by a dead process's inherited descriptor."""
+        guard = os.open(self.root / f".{LOCK_NAME}.guard", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                info = self._read(fd)
+                os.close(fd)
+                if not self._holder_dead(info):
+                    raise LockedError(self.path, info) from None
+            else:
+                if self._same_file(fd, self.path):
+                    self._write(fd)
+                    self._fd = fd
+                    return True
+                os.close(fd)
+                return False
+            tmp = self.root / f".{LOCK_NAME}.{os.getpid()}"
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._write(fd)
+            os.replace(tmp, self.path)
+            self._fd = fd
+            return True
+        finally:
+            os.close(guard)
+
+    def release(self) -> None:
+        """Empty the lock file and unlock it (the kernel would unlock it at exit anyway)."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            if self._same_file(fd, self.path):
+                os.ftruncate(fd, 0)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,384 @@
+"""Generation metadata: the AUTOMATIC1111 infotext and our JSON provenance, in and out of files.
+
+The infotext is the de-facto interchange format of Stable Diffusion tools (A1111's PNG Info,
+civitai, ComfyUI importers), so it is written exactly as A1111 >= 1.9 writes it. The
+provenance is ours: the complete resolved task, enough for ``--replay`` to re-render.
+
+Where each goes:
+
+- PNG: ``parameters`` text chunk (tEXt, or iTXt when the text is not latin-1; this is what
+  A1111 does through Pillow's ``PngInfo.add_text``) and a ``render`` iTXt chunk with the JSON.
+- JPEG/WebP: the infotext in EXIF UserComment, UNICODE-prefixed as piexif writes it (what
+  A1111 writes and its readers parse); the provenance in an XMP packet (``render:provenance``),
+  because XMP is the one container that JPEG and WebP share, Pillow writes and reads it for
+  both, and generic tools (exiftool) show it; a JPEG COM segment does not exist in WebP and
+  EXIF has no free-text tag left besides UserComment (MakerNote is vendor-binary).
+
+Pure Python + Pillow: no torch here.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape as xml_escape
+
+from render.tasks import Task
+
+#: Keys A1111 writes in this order (``create_infotext`` in A1111's processing.py, v1.9+).
+#: A key given in ``extra`` that is one of these goes to its fixed place, as in A1111, where
+#: e.g. a hires pass's ``Denoising strength`` sits before ``Clip skip``.
+CORE_ORDER = (
+    "Steps", "Sampler", "Schedule type", "CFG scale", "Image CFG scale", "Seed",
+    "Face restoration", "Size", "Model hash", "Model", "VAE hash", "VAE", "Variation seed",
+    "Variation seed strength", "Seed resize from", "Denoising strength",
+    "Conditional mask weight", "Clip skip", "ENSD", "Token merging ratio",
+    "Token merging ratio hr", "Init image hash", "RNG", "Tiling",
+)
+
+NEGATIVE_PREFIX = "Negative prompt:"
+PNG_INFOTEXT_KEY = "parameters"
+PNG_PROVENANCE_KEY = "render"
+PROVENANCE_FORMAT = "render-provenance"
+PROVENANCE_SCHEMA = 1
+XMP_NS = "https://github.com/render/ns/1.0/"
+
+# A1111's readers accept a key that starts with a word character followed by word
+# characters, spaces, '-' or '/'; anything else would break every reader.
+_KEY_RE = re.compile(r"\w[\w \-/]+")
+_PARAM_KEY = re.compile(r"\s*(\w[\w \-/]+):\s*")
+_JSON = json.JSONDecoder()
+
+
+def format_number(value: Any) -> str:
+    """A number as A1111 shows it: integral floats without ``.0`` (``CFG scale: 7``)."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def quote(value: str) -> str:
+    """Quote a value the way A1111 does, so every A1111-compatible reader gets it back.
+
+    A1111 JSON-quotes a value containing ``,`` ``:`` or a newline. We also quote a value
+    containing ``"``, another control character or leading/trailing whitespace: A1111's
+    reader unquotes any ``"..."`` value with ``json.loads``, so this costs nothing there and
+    makes the round trip exact. A value that already is a JSON string literal (a plugin that
+    pre-quoted it, as the ``result_metadata`` example does) is written as it is.
+    """
+    if _is_json_string(value):
+        return value
+    if (
+        any(c in value for c in ',:"') or value != value.strip()
+        or any(ord(c) < 32 or ord(c) == 127 for c in value)
+    ):
+        return json.dumps(value, ensure_ascii=False)
+    return value
+
+
+def _is_json_string(value: str) -> bool:
+    if len(value) < 2 or value[0] != '"' or value[-1] != '"' or "\n" in value:
+        return False
+    try:
+        return isinstance(json.loads(value), str)
+    except ValueError:
+        return False
+
+
+def infotext(
+    task: Task,
+    *,
+    model_name: str,
+    model_hash: str,
+    vae_name: str | None = None,
+    vae_hash: str | None = None,
+    extra: Mapping[str, str] | None = None,
+    version: str,
+) -> str:
+    """The A1111 infotext of one task, byte for byte as A1111 would write it.
+
+    ``version`` is written as given (``"render 0.1.0"``). ``extra`` holds the fields of the
+    ``result_metadata`` hooks in plugin order (values are strings; see ``quote``). A value of
+    ``None`` in ``extra`` drops that field, as in A1111.
+    """
+    fields: dict[str, str | None] = dict.fromkeys(CORE_ORDER)
+    fields["Steps"] = str(task.steps)
+    fields["Sampler"] = task.sampler
+    fields["Schedule type"] = task.schedule or None
+    fields["CFG scale"] = format_number(task.cfg)
+    fields["Seed"] = str(task.seed)
+    fields["Size"] = f"{task.width}x{task.height}"
+    fields["Model hash"] = model_hash or None
+    fields["Model"] = model_name or None
+    fields["VAE hash"] = vae_hash or None
+    fields["VAE"] = vae_name or None
+    if task.kind != "txt2img" and task.strength is not None:
+        fields["Denoising strength"] = format_number(task.strength)
+    if task.clip_skip > 1:
+        fields["Clip skip"] = str(task.clip_skip)
+    for key, value in (extra or {}).items():
+        if key == "Version":
+            continue
+        fields[key] = None if value is None else str(value)
+    fields["Version"] = version or None
+
+    parts = []
+    for key, value in fields.items():
+        if value is None:
+            continue
+        if not _KEY_RE.fullmatch(key):
+            raise ValueError(f"infotext field name {key!r} cannot be read back by A1111 readers")
+        # A1111 writes a bare key when the value equals it.
+        parts.append(key if key == value else f"{key}: {quote(value)}")
+    negative = f"\n{NEGATIVE_PREFIX} {task.negative}" if task.negative else ""
+    return f"{task.prompt}{negative}\n{', '.join(parts)}".strip()
+
+
+def _scan_params(line: str) -> list[tuple[str, str]]:
+    """``Key: value, Key: "quoted, value"`` -> pairs; garbage between commas is skipped."""
+    pairs: list[tuple[str, str]] = []
+    i, n = 0, len(line)
+    while i < n:
+        m = _PARAM_KEY.match(line, i)
+        if not m:
+            comma = line.find(",", i)
+            i = n if comma < 0 else comma + 1
+            continue
+        key, j = m.group(1), m.end()
+        if j < n and line[j] == '"':
+            try:
+                value, end = _JSON.raw_decode(line, j)
+            except ValueError:
+                value, end = None, j
+            if isinstance(value, str) and (end == n or line[end] == ","):
+                pairs.append((key, value))
+                i = end + 1
+                continue
+        comma = line.find(",", j)
+        end = n if comma < 0 else comma
+        pairs.append((key, line[j:end]))
+        i = end + 1
+    return pairs
+
+
+def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
+    """Split an infotext into (prompt, negative prompt, fields), values unquoted.
+
+    Follows A1111's documented format: the last line holds the fields when it has at least
+    three ``Key: value`` pairs; the lines before it are the prompt, and from the first line
+    starting with ``Negative prompt:`` on, the negative prompt. Unlike A1111's reader we do
+    not strip each line, so every prompt ``infotext`` writes comes back exactly, except
+    leading whitespace of the whole text (A1111's writer strips it) and a prompt line that
+    itself starts with ``Negative prompt:`` (the format cannot express that).
+    """
+    text = text.strip()
+    lines = text.split("\n")
+    params: dict[str, str] = {}
+    pairs = _scan_params(lines[-1])
+    if len(pairs) >= 3:
+        params = dict(pairs)
+        lines = lines[:-1]
+    prompt_lines: list[str] = []
+    negative_lines: list[str] | None = None
+    for line in lines:
+        if negative_lines is None and line.startswith(NEGATIVE_PREFIX):
+            rest = line[len(NEGATIVE_PREFIX):]
+            negative_lines = [rest[1:] if rest.startswith(" ") else rest]
+        elif negative_lines is None:
+            prompt_lines.append(line)
+        else:
+            negative_lines.append(line)
+    return "\n".join(prompt_lines), "\n".join(negative_lines or []), params
+
+
+# -- provenance ------------------------------------------------------------------------------
+def provenance(
+    task: Task,
+    *,
+    versions: Mapping[str, str],
+    device: str,
+    timings: Mapping[str, float],
+    infotext: str,
+) -> dict[str, Any]:
+    """The JSON provenance of one output: everything ``--replay`` needs to re-render it.
+
+    ``task`` is ``task.to_json()`` (template, picks, axes, plugin sections, files with full
+    sha256); ``sections`` names which top-level task keys are plugin sections; ``kind`` is
+    txt2img/img2img/inpaint. The writers take the infotext from here (``"infotext"``).
+    """
+    return {
+        "format": PROVENANCE_FORMAT,
+        "schema": PROVENANCE_SCHEMA,
+        "task": task.to_json(),
+        "kind": task.kind,
+        "sections": sorted(task.sections),
+        "versions": dict(versions),
+        "device": device,
+        "timings": dict(timings),
+        "infotext": infotext,
+    }
+
+
+def provenance_json(data: Mapping[str, Any]) -> str:
+    """Stable, compact-but-readable JSON (UTF-8, keys sorted) for embedding."""
+    return json.dumps(data, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+# -- embedding -------------------------------------------------------------------------------
+def png_info(text: str | None, prov: Mapping[str, Any] | None) -> Any:
+    """A ``PngInfo`` with ``parameters`` (tEXt, iTXt if not latin-1) and ``render`` (iTXt)."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    if text is not None:
+        info.add_text(PNG_INFOTEXT_KEY, text)  # tEXt, or iTXt when not latin-1: as A1111
+    if prov is not None:
+        info.add_itxt(PNG_PROVENANCE_KEY, provenance_json(prov))
+    return info
+
+
+def exif_bytes(text: str) -> bytes:
+    """EXIF with the infotext in UserComment, UNICODE-prefixed (what A1111 readers parse)."""
+    import piexif
+    import piexif.helper
+
+    return piexif.dump({
+        "Exif": {piexif.ExifIFD.UserComment: piexif.helper.UserComment.dump(text, "unicode")},
+    })
+
+
+# JPEG carries XMP in one APP1 segment: 65535 - 2 (length) - 29 (namespace header).
+_XMP_JPEG_LIMIT = 65504
+# and EXIF in one APP1 segment: 65535 - 2 (length).
+_EXIF_JPEG_LIMIT = 65533
+
+
+def xmp_packet(prov: Mapping[str, Any], *, limit: int | None = None) -> bytes:
+    """An XMP packet holding the provenance JSON (zlib+base64 when it would not fit)."""
+    payload = provenance_json(prov)
+    encoding = "json"
+    packet = _xmp_wrap(xml_escape(payload), encoding)
+    if limit is not None and len(packet) > limit:
+        encoding = "zlib+base64"
+        packed = base64.b64encode(zlib.compress(payload.encode(), 9)).decode("ascii")
+        packet = _xmp_wrap(packed, encoding)
+        if len(packet) > limit:
+            raise ValueError(
+                f"provenance is too large for a JPEG XMP segment ({len(packet)} bytes); "
+                "use png or webp"
+            )
+    return packet
+
+
+def _xmp_wrap(content: str, encoding: str) -> bytes:
+    return (
+        '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/">'
+        '<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        f'<rdf:Description rdf:about="" xmlns:render="{XMP_NS}">'
+        f'<render:provenance render:encoding="{encoding}">{content}</render:provenance>'
+        "</rdf:Description></rdf:RDF></x:xmpmeta>"
+        '<?xpacket end="w"?>'
+    ).encode()
+
+
+def _provenance_from_xmp(xmp: bytes | str) -> dict[str, Any] | None:
+    # Our own element only, found without an XML parser (no entity expansion on input
+    # files we did not write); XML's five predefined escapes are all xml_escape produces.
+    text = xmp.decode("utf-8", "replace") if isinstance(xmp, bytes) else xmp
+    m = re.search(
+        r'<render:provenance render:encoding="([^"]*)">(.*?)</render:provenance>', text, re.S
+    )
+    if not m:
+        return None
+    encoding, content = m.groups()
+    if encoding == "zlib+base64":
+        payload = zlib.decompress(base64.b64decode(content)).decode("utf-8")
+    else:
+        payload = (
+            content.replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", '"')
+            .replace("&apos;", "'").replace("&amp;", "&")
+        )
+    data = json.loads(payload)
+    return data if isinstance(data, dict) else None
+
+
+def save_image(image: Any, path: str | Path, fmt: str, prov: Mapping[str, Any],
+               *, quality: int = 92) -> None:
+    """Save ``image`` as ``fmt`` (png, webp, jpg) with the infotext and provenance embedded.
+
+    ``prov["infotext"]`` is the infotext. JPEG has no alpha: RGBA/P/LA become RGB.
+    """
+    text = prov.get("infotext")
+    if not isinstance(text, str):
+        raise ValueError("provenance has no 'infotext' string; build it with metadata.provenance()")
+    fmt = fmt.lower()
+    if fmt == "png":
+        image.save(path, format="PNG", pnginfo=png_info(text, prov))
+        return
+    if fmt in ("jpg", "jpeg"):
+        if image.mode not in ("RGB", "L", "CMYK"):
+            image = image.convert("RGB")
+        exif = exif_bytes(text)
+        if len(exif) > _EXIF_JPEG_LIMIT:
+            raise ValueError(f"infotext too long for JPEG's EXIF segment ({len(text)} "
+                             "characters); use png or webp")
+        image.save(path, format="JPEG", quality=quality, exif=exif,
+                   xmp=xmp_packet(prov, limit=_XMP_JPEG_LIMIT))
+        return
+    if fmt == "webp":
+        image.save(path, format="WEBP", quality=quality, exif=exif_bytes(text),
+                   xmp=xmp_packet(prov))
+        return
+    raise ValueError(f"no metadata writer for format {fmt!r} (png, webp, jpg)")
+
+
+def read_metadata(path: str | Path) -> tuple[str | None, dict[str, Any] | None]:
+    """(infotext, provenance) from a png, webp or jpg; None for what the file lacks."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        info = dict(im.info)
+        if im.format == "PNG":
+            info.update(getattr(im, "text", {}) or {})  # text chunks after IDAT too
+        text = info.get(PNG_INFOTEXT_KEY)
+        prov: dict[str, Any] | None = None
+        raw = info.get(PNG_PROVENANCE_KEY)
+        if isinstance(raw, str):
+            try:
+                loaded = json.loads(raw)
+                prov = loaded if isinstance(loaded, dict) else None
+            except ValueError:
+                prov = None
+        if text is None and "exif" in info:
+            text = _user_comment(im)
+        if prov is None and info.get("xmp"):
+            try:
+                prov = _provenance_from_xmp(info["xmp"])
+            except (ValueError, zlib.error):
+                prov = None
+    return (str(text) if text is not None else None), prov
+
+
+def _user_comment(im: Any) -> str | None:
+    import piexif.helper
+
+    try:
+        raw = im.getexif().get_ifd(0x8769).get(0x9286)  # Exif IFD -> UserComment
+    except Exception:  # noqa: BLE001 - a broken EXIF block just means no infotext
+        return None
+    if not raw:
+        return None
+    if isinstance(raw, str):
+        return raw
+    try:
+        return piexif.helper.UserComment.load(raw)
+    except ValueError:
+        return raw.decode("utf-8", errors="ignore") or None

@@ -1,0 +1,115 @@
+"""The static gallery: every image and failure, thumbnails, relative links, escaping."""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import re
+from pathlib import Path
+from urllib.parse import unquote
+
+from PIL import Image
+
+from render.gallery import THUMBS, build_gallery, thumbnail
+from render.ledger import Ledger
+from render.tasks import Task
+
+
+def make_task(index: int, job: str = "demo", **kw: object) -> Task:
+    base: dict[str, object] = dict(
+        job=job, index=index, prompt=f"{job} {index}", negative="", seed=index, model="m",
+        width=32, height=32, steps=4, cfg=7.0, sampler="Euler a",
+    )
+    base.update(kw)
+    task = Task(**base)  # type: ignore[arg-type]
+    return dataclasses.replace(task, id=task.compute_id())
+
+
+def fill(tmp_path: Path) -> tuple[Ledger, list[Path], list[Task]]:
+    root = tmp_path / "out"
+    ledger = Ledger(root)
+    images = []
+    for job in ("cabins", "portraits & <friends>"):
+        for i in range(3):
+            path = root / job / f"{i:05} #{i}?.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (48, 32), (i * 60, 100, 150)).save(path)
+            task = make_task(i, job=job)
+            ledger.record_done(task, [path], {}, f'{task.prompt} "q" <script>x</script>\nSteps: 4')
+            images.append(path)
+    failed = [make_task(9, job="cabins"), make_task(8, job="new-job")]
+    ledger.record_failed(failed[0], "RuntimeError: <b>CUDA</b> out of memory & more")
+    ledger.record_failed(failed[1], "ValueError: bad")
+    return ledger, images, failed
+
+
+def links(page: str) -> set[str]:
+    return {unquote(html.unescape(m)) for m in re.findall(r'(?:href|src)="([^"]+)"', page)}
+
+
+def test_gallery_lists_every_image_grid_and_failure(tmp_path: Path) -> None:
+    ledger, images, failed = fill(tmp_path)
+    root = ledger.root
+    sheet = root / "cabins" / "grids" / "cabins-grid.png"
+    sheet.parent.mkdir(parents=True)
+    Image.new("RGB", (400, 300), "white").save(sheet)
+    elsewhere = tmp_path / "other-root" / "x" / "grids" / "x-grid.png"
+    path = build_gallery(root, ledger, {"cabins": [sheet], "x": [elsewhere]})
+    ledger.close()
+    assert path == root / "index.html"
+    page = path.read_text(encoding="utf-8")
+    found = links(page)
+    for image in images:
+        assert image.relative_to(root).as_posix() in found
+    assert "cabins/grids/cabins-grid.png" in found
+    assert not any("other-root" in link for link in found) and 'id="job-x"' not in page
+    thumbs = [p for p in found if p.startswith(f"{THUMBS}/")]
+    assert len(thumbs) == len(images) + 1
+    for thumb in thumbs:
+        with Image.open(root / thumb) as im:
+            assert im.format == "JPEG" and max(im.size) <= 512
+    # failures with their (escaped) errors, also of a job without images
+    assert "RuntimeError: &lt;b&gt;CUDA&lt;/b&gt; out of memory &amp; more" in page
+    assert "ValueError: bad" in page and failed[1].id[:12] in page
+    # everything user-made is escaped: no markup from prompts, errors or job names
+    assert "<script>" not in page and "<b>" not in page
+    assert "portraits &amp; &lt;friends&gt;" in page
+    assert "&quot;q&quot; &lt;script&gt;" in page                     # infotext in title/details
+    # links are relative and percent-encoded
+    assert not any(link.startswith("/") for link in found)
+    assert "%23" in page and "%3F" in page                              # '#' and '?' in names
+
+
+def test_thumbnails_are_reused_and_pruned(tmp_path: Path) -> None:
+    ledger, images, _ = fill(tmp_path)
+    root = ledger.root
+    build_gallery(root, ledger, {})
+    thumb = thumbnail(images[0], root)
+    assert thumb is not None
+    mtime = thumb.stat().st_mtime_ns
+    stale = root / THUMBS / "0000000000deadbeef00.jpg"
+    stale.write_bytes(b"old")
+    build_gallery(root, ledger, {})
+    assert thumb.stat().st_mtime_ns == mtime           # not rebuilt: the image is older
+    assert not stale.exists()                           # no longer referenced
+    ledger.close()
+
+
+def test_missing_files_and_non_images(tmp_path: Path) -> None:
+    root = tmp_path / "out"
+    with Ledger(root) as ledger:
+        gone, video = make_task(0), make_task(1)
+        ledger.record_done(gone, [root / "gone.png"], {}, "gone")
+        (root / "clip.mp4").write_bytes(b"\0\0\0 ftypisom")
+        ledger.record_done(video, [root / "clip.mp4"], {}, "video")
+        page = build_gallery(root, ledger, {}).read_text(encoding="utf-8")
+    assert "missing: gone.png" in page
+    assert 'href="clip.mp4"' in page
+
+
+def test_temp_and_hidden_files_never_appear(tmp_path: Path) -> None:
+    ledger, _, _ = fill(tmp_path)
+    (ledger.root / "cabins" / ".00001.tmp-1-abcdef.png").write_bytes(b"x")
+    page = build_gallery(ledger.root, ledger, {}).read_text(encoding="utf-8")
+    ledger.close()
+    assert ".tmp-" not in page
