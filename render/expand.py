@@ -358,6 +358,7 @@ def _job(jf: JobFile, i: int, entry: Any, entry_where: Location | None, defaults
         if axis.key in {a.key for a in zip_axes}:
             err("zip", f"{axis.key!r} is both a grid and a zip axis")
     axis_tops = {a.top for a in grid + zip_axes}
+    _check_sampler_pairs(jf, raw, grid + zip_axes, err)
     seeds = _seeds(raw, locations, key_paths, errors, entry)
     if "seed" in axis_tops and len(seeds) > 1:
         err("seeds", "a job with a 'seed' axis takes its seeds from the axis; remove 'seeds'")
@@ -401,6 +402,32 @@ def _job(jf: JobFile, i: int, entry: Any, entry_where: Location | None, defaults
                    prompt_count, jf)
     plan.job = dataclasses.replace(job, task_count=plan.task_count)
     return plan
+
+
+def _check_sampler_pairs(jf: JobFile, raw: dict[str, Any], axes: list[Axis], err: Any) -> None:
+    """Every sampler the job can use must support every schedule it can be paired with."""
+    from render import samplers
+
+    def values(key: str) -> list[tuple[Any, Location | None, str | None]]:
+        axis = next((a for a in axes if a.key == key), None)
+        if axis is not None:
+            return [(v, w, f"{key}") for v, w in zip(axis.values, axis.where)]
+        return [(raw[key], None, None)] if raw.get(key) is not None else []
+
+    schedules = values("schedule") or [(None, None, None)]
+    for sampler_raw, where, _ in values("sampler"):
+        try:
+            name, embedded = jf.normalise("sampler", sampler_raw)
+        except FieldError:
+            continue   # already reported
+        for schedule_raw, schedule_where, _ in schedules:
+            try:
+                schedule = jf.normalise("schedule", schedule_raw) if schedule_raw else None
+                samplers.resolve_sampler(name if embedded is None else f"{name} {embedded}",
+                                         schedule)
+            except (FieldError, ValueError) as exc:
+                err("sampler", getattr(exc, "message", str(exc)), where or schedule_where)
+                return
 
 
 def _sub_location(value: Any, subkey: str, where: Location | None) -> tuple[Location | None, str]:
@@ -697,8 +724,8 @@ def _build_task(plan: JobPlan, base: dict[str, Any], overrides: dict[str, Any],
     width, height = settings.pop("size")
     width = settings.pop("width", None) or width
     height = settings.pop("height", None) or height
-    sampler, embedded_schedule = settings.pop("sampler")
-    schedule = settings.pop("schedule", None) or embedded_schedule or "Automatic"
+    sampler, schedule = _sampler_and_schedule(settings.pop("sampler"),
+                                              settings.pop("schedule", None))
     sections = {k: v for k, v in settings.items() if k not in CORE_FIELDS}
     return Task(
         job=plan.job.name, index=index, prompt=prompt, negative=negative, seed=seed,
@@ -708,6 +735,19 @@ def _build_task(plan: JobPlan, base: dict[str, Any], overrides: dict[str, Any],
         strength=settings.get("strength"), mask=settings.get("mask"), sections=sections,
         template=template, picks=picks, axes=dict(overrides), where=plan.job.where,
     )
+
+
+def _sampler_and_schedule(sampler: tuple[str, str | None], schedule: str | None) -> tuple[str, str]:
+    """The canonical pair, with Automatic resolved to what it means for this sampler.
+
+    Resolving here makes ``DPM++ 2M`` and ``DPM++ 2M Karras`` the same task (same id, same
+    infotext), as they are the same image. Validation has checked the pair is supported.
+    """
+    from render import samplers
+
+    name, embedded = sampler
+    name, chosen = samplers.resolve_sampler(name, schedule or embedded)
+    return name, samplers.resolved_schedule(name, chosen) or "Automatic"
 
 
 def plugin_expand(task: Task, plugins: Plugins) -> list[Task]:

@@ -17,6 +17,7 @@ import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,8 @@ class Runner:
         self.stop = threading.Event()
         self.engine: Any = None
         self.ledgers: dict[Path, Any] = {}
-        self._used_paths: dict[Path, str] = {}
+        self._paths: dict[tuple[str, int], Path] = {}
+        self._started = datetime.now()
         self._write_error: BaseException | None = None
 
     # -- signals ---------------------------------------------------------------------------
@@ -99,6 +101,11 @@ class Runner:
 
             for root in roots:
                 self.ledgers[root] = stack.enter_context(_closing(Ledger(root)))
+            # Names come from every task of the run, done or not, so a resumed run names
+            # each task exactly as the first run did.
+            paths = output.unique_paths(
+                [(t, self.jobs[t.job], self.roots[t.job]) for t in tasks], now=self._started)
+            self._paths = {(t.job, t.index): p for t, p in zip(tasks, paths)}
             todo = self._todo(tasks)
             previous = {s: signal.signal(s, self._on_signal)
                         for s in (signal.SIGINT, signal.SIGTERM)}
@@ -151,6 +158,7 @@ class Runner:
             for batch in batches:
                 if self.stop.is_set():
                     break
+                self.progress.start(batch.first.job)
                 for result in self._render_batch(batch):
                     result = self._postprocess(result)
                     if result is not None:
@@ -204,7 +212,7 @@ class Runner:
         try:
             job = self.jobs[task.job]
             root = self.roots[task.job]
-            path = self._path_for(task, job, root)
+            path = self._path_for(task)
             infotext, prov = self._metadata(result)
             result.provenance = prov
             start = time.monotonic()
@@ -223,13 +231,8 @@ class Runner:
         except Exception as exc:
             self._fail(task, exc)
 
-    def _path_for(self, task: Task, job: Job, root: Path) -> Path:
-        """The task's output path; a clash with another task gets the short id appended."""
-        path = output.output_path(task, job, root)
-        owner = self._used_paths.get(path)
-        if owner is not None and owner != task.id:
-            path = path.with_name(f"{path.stem}-{task.short_id}{path.suffix}")
-        self._used_paths[path] = task.id
+    def _path_for(self, task: Task) -> Path:
+        path = self._paths[(task.job, task.index)]
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -274,7 +277,7 @@ class Runner:
             rows = self.ledgers[self.roots[name]].rows(job=name)
             try:
                 report.grids[name] = grids.build_grids(rows, job, output.job_dir(
-                    job, self.roots[name]))
+                    job, self.roots[name], now=self._started))
             except Exception as exc:  # a sheet must never cost the night's images
                 log.warning("grid sheet for job %s failed: %s", name, exc)
         for root, ledger in self.ledgers.items():

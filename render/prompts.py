@@ -1,0 +1,463 @@
+"""AUTOMATIC1111 prompt syntax: attention weights, BREAK, long prompts, clip skip.
+
+Users paste prompts from A1111 and civitai, so ``(cat:1.2)``, ``[blurry]``, ``BREAK`` and
+prompts past 75 tokens must mean what they mean there. :func:`parse_attention` is pure
+Python (job validation calls it without torch); :func:`encode_prompts` turns prompts into
+the ``prompt_embeds`` family of keyword arguments for a diffusers pipeline call.
+
+Why the embeddings are computed here rather than through compel (which the project also
+ships): compel cannot express the A1111 semantics this module promises.
+
+- Weights. A1111 multiplies each token's embedding by its weight and then rescales the
+  whole chunk so its mean is unchanged. compel instead pushes a token away from the
+  empty-prompt embedding (weights > 1) or blends towards a copy of the prompt with the token
+  masked out (weights < 1), so compel's ``1.2`` is not A1111's ``1.2``.
+- BREAK. compel has no way to end a 75-token chunk early.
+- Long prompts. A1111 moves the words after the last comma to the next chunk when that
+  comma is within 20 tokens of the chunk's end; compel splits at sentence ends.
+- Clip skip. compel offers the last or the penultimate layer only; A1111's setting goes
+  deeper (``hidden_states[-N]``).
+
+What we reproduce, and where we differ from A1111 (documented choices):
+
+- Unbalanced brackets follow A1111: a ``(`` or ``[`` never closed applies its factor to
+  everything after it; a stray ``)`` or ``]`` is literal text; ``:1.2)`` with no open ``(`` is
+  literal text; a lone backslash is dropped; ``\\(`` ``\\)`` ``\\[`` ``\\]`` ``\\\\`` are
+  literal characters.
+- A1111 syntax we cannot render raises ``ValueError`` instead of turning into literal text:
+  prompt editing ``[a:b:0.5]`` / ``[a:0.5]``, alternation ``[a|b]``, and composition with an
+  uppercase ``AND``.
+- The mean restoration runs per prompt, not per batch as in A1111, so an image does not
+  depend on the other prompts in its batch. (Padding still does: every prompt and negative
+  of one call is padded to the longest one's chunk count with empty-prompt chunks, as
+  A1111's "pad prompt/negative prompt to be same length" option does.)
+- A multi-vector textual-inversion embedding (diffusers' tokens ``<x>``, ``<x>_1``, ...) is
+  expanded as diffusers' ``maybe_convert_prompt`` does; unlike A1111 it may straddle a
+  chunk boundary.
+- SDXL: an empty negative prompt gives all-zero embeddings when the pipeline's
+  ``force_zeros_for_empty_prompt`` is set (A1111 does this for an empty negative; diffusers
+  for a missing one). Clip skip 1 and 2 both mean SDXL's native penultimate layer (as in
+  A1111 and ComfyUI); N > 2 takes ``hidden_states[-N]`` of both encoders. The pooled
+  embedding comes from the first chunk of the second encoder, unweighted, as in A1111.
+- Text-encoder LoRA: adapters set with ``set_adapters`` act here as in diffusers, but a
+  ``lora_scale`` / ``cross_attention_kwargs={"scale": ...}`` given to the pipeline call does
+  not reach these precomputed embeddings (diffusers applies it inside its own encoding).
+- ``<lora:...>``-style tags left in a prompt are an error: the LoRA plugin removes them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+__all__ = ["BREAK", "chunk_tokens", "encode_prompts", "parse_attention"]
+
+#: How :func:`parse_attention` marks a ``BREAK``; no written weight can be ``-inf``.
+BREAK: tuple[str, float] = ("BREAK", float("-inf"))
+
+ROUND = 1.1  # "(x)" multiplies by this, "[x]" divides by it
+CHUNK_BACKTRACK = 20  # A1111's default "prompt word wrap length limit", in tokens
+
+_TOKEN = re.compile(
+    r"""
+      (?P<escaped>\\[()\[\]\\])
+    | (?P<backslash>\\)
+    | (?P<open_round>\()
+    | (?P<open_square>\[)
+    | :\s*(?P<weight>[+-]?[.\d]+)\s*\)
+    | (?P<close_round>\))
+    | (?P<close_square>\])
+    | (?P<text>[^\\()\[\]:]+)
+    | (?P<colon>:)
+    """,
+    re.VERBOSE,
+)
+_BREAK_SPLIT = re.compile(r"\s*\bBREAK\b\s*")
+_AND = re.compile(r"\bAND\b")
+_EXTRA_NETWORK = re.compile(r"<(?:lora|lyco|hypernet):[^>]*>", re.IGNORECASE)
+
+
+def _multiply(parts: list[list[Any]], start: int, factor: float) -> None:
+    """Scale the weights of every fragment from ``start`` on (BREAKs carry no weight)."""
+    for part in parts[start:]:
+        if part[1] != BREAK[1]:
+            part[1] *= factor
+
+
+def parse_attention(text: str) -> list[tuple[str, float]]:
+    """Split an A1111 prompt into ``(text, weight)`` fragments; :data:`BREAK` marks a BREAK.
+
+    ``(x)`` is x1.1, ``[x]`` is /1.1, ``(x:1.3)`` sets 1.3, nesting multiplies, escapes and
+    unbalanced brackets behave as in A1111 (see the module docstring). Neighbours of equal
+    weight are merged and empty fragments dropped; an empty prompt gives ``[("", 1.0)]``.
+    Raises ``ValueError`` for syntax we cannot render (prompt editing, alternation, ``AND``)
+    and for a weight that is not a number (``(x:1.2.3)``).
+    """
+    parts: list[list[Any]] = []
+    # open brackets, innermost last: [kind, index into parts, saw ':' or '|' at this level]
+    opened: list[list[Any]] = []
+
+    def close(kind: str) -> int | None:
+        for i in range(len(opened) - 1, -1, -1):
+            if opened[i][0] == kind:
+                entry = opened.pop(i)
+                if kind == "[" and entry[2]:
+                    raise ValueError(
+                        f"prompt editing / alternation ('[a:b:when]', '[a|b]') is not "
+                        f"supported: {text!r}; escape literal brackets as \\[ \\]"
+                    )
+                return int(entry[1])
+        return None
+
+    def mark_square(fragment: str) -> None:
+        if opened and opened[-1][0] == "[" and (":" in fragment or "|" in fragment):
+            opened[-1][2] = True
+
+    for m in _TOKEN.finditer(text):
+        kind = m.lastgroup
+        token = m.group(0)
+        if kind == "escaped":
+            parts.append([token[1], 1.0])
+        elif kind == "backslash":
+            continue
+        elif kind == "open_round":
+            opened.append(["(", len(parts), False])
+        elif kind == "open_square":
+            opened.append(["[", len(parts), False])
+        elif kind == "weight":
+            if not any(entry[0] == "(" for entry in opened):
+                mark_square(token)
+                parts.append([token, 1.0])
+                continue
+            try:
+                factor = float(m.group("weight"))
+            except ValueError:
+                raise ValueError(
+                    f"attention weight {m.group('weight')!r} is not a number in {text!r}"
+                ) from None
+            start = close("(")
+            assert start is not None
+            _multiply(parts, start, factor)
+        elif kind == "close_round":
+            start = close("(")
+            if start is None:
+                parts.append([token, 1.0])
+            else:
+                _multiply(parts, start, ROUND)
+        elif kind == "close_square":
+            start = close("[")
+            if start is None:
+                parts.append([token, 1.0])
+            else:
+                _multiply(parts, start, 1 / ROUND)
+        else:  # text or a literal colon
+            mark_square(token)
+            if _AND.search(token):
+                raise ValueError(
+                    f"'AND' is A1111's prompt-composition keyword, which render does not "
+                    f"support: {text!r}; write 'and' for the word"
+                )
+            pieces = _BREAK_SPLIT.split(token)
+            for i, piece in enumerate(pieces):
+                if i:
+                    parts.append(list(BREAK))
+                parts.append([piece, 1.0])
+
+    # brackets never closed apply to the rest of the prompt, rounds first (as A1111)
+    for kind, factor in (("(", ROUND), ("[", 1 / ROUND)):
+        for entry in [e for e in opened if e[0] == kind]:
+            _multiply(parts, entry[1], factor)
+
+    merged: list[tuple[str, float]] = []
+    for fragment, weight in parts:
+        if weight == BREAK[1]:
+            merged.append(BREAK)
+        elif not fragment:
+            continue
+        elif merged and merged[-1][1] == weight and merged[-1] != BREAK:
+            merged[-1] = (merged[-1][0] + fragment, weight)
+        else:
+            merged.append((fragment, float(weight)))
+    return merged or [("", 1.0)]
+
+
+def chunk_tokens(
+    fragments: list[tuple[list[int], float] | None],
+    *,
+    chunk_length: int = 75,
+    comma_id: int | None = None,
+    backtrack: int = CHUNK_BACKTRACK,
+) -> list[tuple[list[int], list[float]]]:
+    """Cut token ids into A1111's 75-token chunks; ``None`` in ``fragments`` is a BREAK.
+
+    A full chunk whose last comma lies within ``backtrack`` tokens of its end is cut after
+    that comma and the rest moves on. A BREAK ends the current chunk, even an empty one;
+    a trailing BREAK adds nothing. Always returns at least one (possibly empty) chunk.
+    """
+    chunks: list[tuple[list[int], list[float]]] = []
+    ids: list[int] = []
+    weights: list[float] = []
+    last_comma = -1
+
+    def close() -> None:
+        nonlocal ids, weights, last_comma
+        chunks.append((ids, weights))
+        ids, weights, last_comma = [], [], -1
+
+    for fragment in fragments:
+        if fragment is None:
+            close()
+            continue
+        tokens, weight = fragment
+        for token in tokens:
+            if len(ids) == chunk_length:
+                if token != comma_id and last_comma >= 0 and len(ids) - last_comma <= backtrack:
+                    cut = last_comma + 1
+                    tail_ids, tail_weights = ids[cut:], weights[cut:]
+                    ids, weights = ids[:cut], weights[:cut]
+                    close()
+                    ids, weights = tail_ids, tail_weights
+                else:
+                    close()
+            if token == comma_id:
+                last_comma = len(ids)
+            ids.append(token)
+            weights.append(weight)
+    if ids or not chunks:
+        close()
+    return chunks
+
+
+class _Encoder:
+    """One tokenizer + text encoder of a pipeline, encoding A1111 chunks."""
+
+    def __init__(self, pipe: Any, tokenizer: Any, text_encoder: Any, *, sdxl: bool,
+                 clip_skip: int, pooled: bool) -> None:
+        self.pipe = pipe
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.sdxl = sdxl
+        self.clip_skip = clip_skip
+        self.pooled = pooled
+        layers = text_encoder.config.num_hidden_layers
+        if clip_skip > layers:
+            raise ValueError(f"clip_skip {clip_skip} exceeds the text encoder's {layers} layers")
+        length = min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings)
+        self.length = length
+        vocab = tokenizer.get_vocab()
+        self.comma_id = vocab.get(",</w>")
+        self.use_mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
+        # transformers 5 flattened CLIPTextModel (no .text_model); 4.x nests it. diffusers
+        # 0.42 still reaches for .text_model, so its own clip_skip fails on transformers 5.
+        inner = getattr(text_encoder, "text_model", text_encoder)
+        self.final_norm = inner.final_layer_norm
+        # diffusers loads an n-vector textual inversion "<x>" as tokens <x>, <x>_1 ... <x>_n-1
+        # and expands the prompt ("maybe_convert_prompt"); do the same on token ids
+        added = dict(tokenizer.added_tokens_encoder)
+        self.multi_vector: dict[int, list[int]] = {}
+        for token, token_id in added.items():
+            extra, k = [], 1
+            while f"{token}_{k}" in added:
+                extra.append(added[f"{token}_{k}"])
+                k += 1
+            if extra:
+                self.multi_vector[token_id] = extra
+
+    def token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` without bos/eos, multi-vector embeddings expanded."""
+        if not text:
+            return []
+        ids = self.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)
+        out: list[int] = []
+        for token_id in ids["input_ids"]:
+            out.append(token_id)
+            out.extend(self.multi_vector.get(token_id, ()))
+        return out
+
+    def chunks(self, fragments: list[tuple[str, float]]) -> list[tuple[list[int], list[float]]]:
+        items: list[tuple[list[int], float] | None] = [
+            None if frag == BREAK else (self.token_ids(frag[0]), frag[1]) for frag in fragments
+        ]
+        return chunk_tokens(items, chunk_length=self.length - 2, comma_id=self.comma_id)
+
+    def encode_chunk(self, ids: list[int], weights: list[float], device: Any) -> tuple[Any, Any]:
+        """Embeddings (1, length, dim) of one chunk with A1111 weighting, and pooled or None."""
+        import torch
+
+        tok = self.tokenizer
+        pad = self.length - 2 - len(ids)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        full = [tok.bos_token_id, *ids, tok.eos_token_id] + [pad_id] * pad
+        input_ids = torch.tensor([full], dtype=torch.long, device=device)
+        mask = None
+        if self.use_mask and not self.sdxl:
+            mask = torch.tensor([[1] * (len(ids) + 2) + [0] * pad], device=device)
+        hidden = self.sdxl or self.clip_skip > 1
+        out = self.text_encoder(input_ids, attention_mask=mask, output_hidden_states=hidden)
+        if self.sdxl:
+            z = out.hidden_states[-max(2, self.clip_skip)]
+        elif self.clip_skip == 1:
+            z = out.last_hidden_state
+        else:
+            z = self.final_norm(out.hidden_states[-self.clip_skip])
+        pooled = out.text_embeds if self.pooled else None
+        full_weights = [1.0, *weights, 1.0] + [1.0] * pad
+        if any(w != 1.0 for w in full_weights):
+            z = _emphasis(z, full_weights)
+        return z, pooled
+
+
+def _emphasis(z: Any, weights: list[float]) -> Any:
+    """A1111's "Original" emphasis: scale each token's vector, then restore the chunk mean.
+
+    When either mean is ~0 next to the values themselves (a randomly initialised encoder
+    whose final LayerNorm has no bias; never a trained CLIP) the ratio would be noise, so
+    the plain scaling is kept instead.
+    """
+    import torch
+
+    zf = z.float()
+    original_mean = zf.mean()
+    scale = torch.tensor(weights, dtype=torch.float32, device=z.device).reshape(1, -1, 1)
+    weighted = zf * scale
+    new_mean = weighted.mean()
+    floor = 1e-3 * float(zf.abs().mean())
+    if min(abs(float(original_mean)), abs(float(new_mean))) > floor:
+        weighted = weighted * (original_mean / new_mean)
+    return weighted.to(z.dtype)
+
+
+def _is_sdxl(pipe: Any) -> bool:
+    """SDXL-style: a second, projecting CLIP encoder (base and refiner), nothing beyond it."""
+    return hasattr(pipe, "text_encoder_2")
+
+
+def _encoders(pipe: Any, clip_skip: int) -> list[_Encoder]:
+    sdxl = _is_sdxl(pipe)
+    pairs = [(getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None))]
+    if sdxl:
+        pairs.append((getattr(pipe, "tokenizer_2", None), pipe.text_encoder_2))
+    pairs = [(t, e) for t, e in pairs if t is not None and e is not None]
+    # SD1/SD2 (CLIPTextModel) and SDXL (+ CLIPTextModelWithProjection) only: SD3 and Flux
+    # also have a text_encoder_2, but a T5 one, which A1111's chunking does not apply to.
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    wanted = [CLIPTextModel] * (len(pairs) - 1) + [
+        CLIPTextModelWithProjection if sdxl else CLIPTextModel
+    ]
+    found = [type(e).__name__ for _, e in pairs]
+    fits = all(isinstance(e, cls) for (_, e), cls in zip(pairs, wanted, strict=True))
+    if not pairs or not fits or hasattr(pipe, "text_encoder_3"):
+        raise ValueError(
+            f"{type(pipe).__name__}: A1111 prompt encoding supports SD1.x, SD2.x and SDXL text "
+            f"encoders, not {found or 'none'}"
+        )
+    last = len(pairs) - 1
+    return [
+        _Encoder(pipe, t, e, sdxl=sdxl, clip_skip=clip_skip, pooled=sdxl and i == last)
+        for i, (t, e) in enumerate(pairs)
+    ]
+
+
+def encode_prompts(
+    pipe: Any, prompts: list[str], negatives: list[str], *, clip_skip: int = 1
+) -> dict[str, Any]:
+    """Encode A1111-syntax prompts into the embeddings keyword arguments of ``pipe(...)``.
+
+    Returns ``prompt_embeds`` and ``negative_prompt_embeds`` (batch = ``len(prompts)``), plus
+    ``pooled_prompt_embeds`` and ``negative_pooled_prompt_embeds`` for SDXL. Long prompts are
+    cut into 75-token chunks and concatenated, never truncated; all results are padded to the
+    same chunk count. ``clip_skip`` is A1111's: 1 is the last layer (diffusers' default), 2
+    the penultimate (diffusers' ``clip_skip=1``). A prompt whose weights are all 1.0 gives
+    exactly what the pipeline computes from ``prompt=`` for up to 75 tokens.
+    """
+    import torch
+
+    if len(prompts) != len(negatives):
+        raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
+    if not prompts:
+        raise ValueError("no prompts to encode")
+    if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or clip_skip < 1:
+        raise ValueError(f"clip_skip must be an integer >= 1, got {clip_skip!r}")
+    for text in (*prompts, *negatives):
+        tag = _EXTRA_NETWORK.search(text)
+        if tag:
+            raise ValueError(
+                f"prompt still holds the tag {tag.group(0)!r}: extra-network tags must be "
+                f"taken out (by the lora plugin) before the prompt is encoded"
+            )
+    parsed_prompts = [parse_attention(p) for p in prompts]
+    parsed_negatives = [parse_attention(n) for n in negatives]
+
+    encoders = _encoders(pipe, clip_skip)
+    sdxl = _is_sdxl(pipe)
+    zero_empty = sdxl and bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
+    device = getattr(pipe, "_execution_device", None) or encoders[0].text_encoder.device
+
+    with torch.no_grad():
+        empty: list[Any] = []  # empty-prompt chunk per encoder, for padding
+
+        def padding_chunk() -> Any:
+            if not empty:
+                for enc in encoders:
+                    empty.append(enc.encode_chunk([], [], device)[0])
+            return torch.cat(empty, dim=-1)
+
+        def encode(fragments: list[tuple[str, float]]) -> tuple[list[Any], Any]:
+            per_encoder = []
+            pooled = None
+            for enc in encoders:
+                zs = []
+                for i, (ids, weights) in enumerate(enc.chunks(fragments)):
+                    z, p = enc.encode_chunk(ids, weights, device)
+                    zs.append(z)
+                    if i == 0 and p is not None:
+                        pooled = p
+                per_encoder.append(zs)
+            count = max(len(zs) for zs in per_encoder)
+            chunks = []
+            for i in range(count):
+                parts = []
+                for enc_index, zs in enumerate(per_encoder):
+                    if i < len(zs):
+                        parts.append(zs[i])
+                    else:  # encoders disagree on chunk count (e.g. an embedding in one only)
+                        padding_chunk()
+                        parts.append(empty[enc_index])
+                chunks.append(torch.cat(parts, dim=-1))
+            return chunks, pooled
+
+        results: list[tuple[list[Any], Any, bool]] = []
+        for fragments in parsed_prompts:
+            results.append((*encode(fragments), False))
+        for text, fragments in zip(negatives, parsed_negatives, strict=True):
+            if zero_empty and text == "":
+                results.append(([], None, True))
+            else:
+                results.append((*encode(fragments), False))
+
+        longest = max(len(chunks) for chunks, _, zero in results if not zero)
+        reference = results[0][0][0]  # a prompt's first chunk: never a zeroed negative
+        embeds = []
+        for chunks, _, zero in results:
+            if zero:
+                shape = (1, longest * reference.shape[1], reference.shape[2])
+                embeds.append(reference.new_zeros(shape))
+            else:
+                padding = [padding_chunk() for _ in range(longest - len(chunks))]
+                embeds.append(torch.cat([*chunks, *padding], dim=1))
+
+    n = len(prompts)
+    out: dict[str, Any] = {
+        "prompt_embeds": torch.cat(embeds[:n]),
+        "negative_prompt_embeds": torch.cat(embeds[n:]),
+    }
+    if sdxl:
+        pooled_reference = results[0][1]
+        pooled_all = [
+            pooled_reference.new_zeros(pooled_reference.shape) if zero else pooled
+            for _, pooled, zero in results
+        ]
+        out["pooled_prompt_embeds"] = torch.cat(pooled_all[:n])
+        out["negative_pooled_prompt_embeds"] = torch.cat(pooled_all[n:])
+    return out
