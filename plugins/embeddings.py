@@ -242,7 +242,8 @@ def task_files(task: Task, models: Any) -> dict[str, FileRef] | None:
                     path = find(models, stem)
                 except FieldError as exc:
                     raise FieldError(
-                        f"{exc.message} (the {label} names embedding {stem!r})") from None
+                        f"{exc.message} (the {label} names embedding {stem!r})",
+                        key="prompt" if label == "prompt" else "negative") from None
                 add(stem, path, f", named in the {label}", "")
     if not wanted:
         return None
@@ -255,7 +256,8 @@ def task_files(task: Task, models: Any) -> dict[str, FileRef] | None:
             raise FieldError(
                 f"embedding {path.stem!r} ({path.name}{origin}) is for "
                 f"{_family_text(info.families)} ({info.reason}), but model {task.model!r} is "
-                f"{FAMILY_NAMES.get(model_family, model_family)}", subkey=subkey)
+                f"{FAMILY_NAMES.get(model_family, model_family)}", subkey=subkey,
+                key="" if subkey else ("negative" if "negative" in origin else "prompt"))
         ref = models.file_ref("embedding", name, path)
         family = next(iter(info.families)) if info.families and len(info.families) == 1 else None
         files[LABEL + path.stem] = dataclasses.replace(

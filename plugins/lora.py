@@ -419,7 +419,7 @@ def check_tags(prompt: str) -> None:
     """Raise FieldError for a malformed ``<lora:...>`` tag (expand skipped it)."""
     _, errors = inline_loras(prompt)
     if errors:
-        raise FieldError(errors[0])
+        raise FieldError(errors[0], key="prompt")
 
 
 @hookimpl

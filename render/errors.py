@@ -53,9 +53,14 @@ class JobErrors(UserError):
 
 
 class FieldError(ValueError):
-    """Raised by a field validator; ``subkey`` points below the field (``0.scale``)."""
+    """Raised by a validator or a preflight hook; says which key of the job is wrong.
 
-    def __init__(self, message: str, subkey: str = "") -> None:
+    ``subkey`` points below the field (``0.scale``). ``key`` names another top-level key
+    than the one being checked, e.g. a LoRA plugin blaming a tag in ``prompt``.
+    """
+
+    def __init__(self, message: str, subkey: str = "", *, key: str = "") -> None:
         self.message = message
         self.subkey = subkey
+        self.key = key
         super().__init__(message)

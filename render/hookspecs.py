@@ -124,7 +124,10 @@ def configure_pipeline(pipe: Any, batch: Any) -> None:
 def task_inputs(task: Any, pipe: Any) -> dict[str, Any] | None:
     """Extra ``pipe(...)`` keyword arguments for one task (control image, depth map ...).
 
-    Values for the same keyword from all tasks of a batch are stacked into a list.
+    When every task of a batch returns the identical object (``is``) or equal plain values
+    for a keyword, it is passed once, as is; otherwise the values are stacked into a list in
+    task order. Return the same cached object for per-call values (a ControlNet's scales,
+    a shared control image) so a batch passes them once.
     """
 
 
@@ -137,9 +140,10 @@ def postprocess(result: Any, task: Any) -> Any:
 # -- write -----------------------------------------------------------------------------------
 @hookspec
 def result_metadata(task: Any, result: Any) -> dict[str, str] | None:
-    """Fields for the A1111 infotext, e.g. ``{"Lora hashes": '"a: 1234abcd"'}``.
+    """Fields for the A1111 infotext, e.g. ``{"Lora hashes": "a: 1234abcd, b: 5678ef90"}``.
 
-    They are written after the core fields, in plugin order; values are final strings.
+    They are written after the core fields, in plugin order. Values are plain strings; the
+    core quotes them as A1111 does (a value with ``,`` or ``:`` is JSON-quoted).
     """
 
 
@@ -147,8 +151,10 @@ def result_metadata(task: Any, result: Any) -> dict[str, str] | None:
 def write_output(result: Any, path: Any, fmt: str) -> list[Any] | None:
     """Write ``result`` to ``path`` (extension already set) in format ``fmt``.
 
-    Return the list of files written, or None when this plugin does not handle ``fmt``.
-    Write atomically (``render.output.atomic_write``). The core handles png, webp and jpg.
+    Return the list of files written (side files included: they are recorded in the
+    ledger), or None when this plugin does not handle ``fmt``. ``result.provenance`` holds
+    the provenance with the final infotext under ``"infotext"``. Write atomically
+    (``render.output.atomic_write``). The core handles png, webp and jpg.
     """
 
 

@@ -79,7 +79,7 @@ class Preflight:
             try:
                 extra = impl.function(task=task, models=self.models)
             except FieldError as exc:
-                key = _plugin_key(task, self.jf.plugins.pm.get_name(impl.plugin))
+                key = exc.key or _plugin_key(task, self.jf.plugins.pm.get_name(impl.plugin))
                 self._fail(plan, key, exc)
                 return None
             if extra:
@@ -89,10 +89,14 @@ class Preflight:
 
 
 def _plugin_key(task: Task, plugin_name: str | None) -> str:
-    """The section a plugin owns, to locate its preflight errors (plugin name == key)."""
+    """The section a plugin owns, to locate its preflight errors (plugin name == key).
+
+    A plugin whose error concerns another key says so with ``FieldError(key=...)``; the
+    fallback is the model, the one key every task has.
+    """
     if plugin_name and plugin_name in task.sections:
         return plugin_name
-    return next(iter(task.sections), "model")
+    return "model"
 
 
 def preflight(tasks: Iterable[tuple[Task, JobPlan]], checker: Preflight) -> list[Task]:

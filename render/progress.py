@@ -59,6 +59,7 @@ class Progress:
         self.failed = 0
         self.skipped = 0
         self.job: str | None = None
+        self._started_jobs: set[str] = set()
         self.started = clock()
         self._last_line = -float("inf")
         self._last_done = -1
@@ -151,7 +152,10 @@ class Progress:
             return
         if self._bar is not None:
             self._update_bar()
-        else:
+        elif job not in self._started_jobs:
+            # Batches of several jobs interleave (one model loaded once): a job is announced
+            # the first time only, not at every switch.
+            self._started_jobs.add(job)
             self._emit(f"started, {self.status()}")
 
     def _line(self) -> None:

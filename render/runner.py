@@ -220,6 +220,9 @@ class Runner:
             if not written:
                 raise UserError(f"no writer for format {job.output.format!r}")
             for suffix, image in result.extras.items():
+                # An extra "control-0" is saved only when output.save_control is on.
+                if not job.output.options.get(f"save_{suffix.split('-', 1)[0]}"):
+                    continue
                 extra = path.with_name(f"{path.stem}-{suffix}.png")
                 output.atomic_write(extra, lambda p, im=image: im.save(p, format="PNG"))
                 written.append(extra)
@@ -250,9 +253,9 @@ class Runner:
         vae = task.files.get("vae")
         text = metadata.infotext(
             task,
-            model_name=Path(model.name).stem if model else task.model,
+            model_name=Path(model.path).stem if model and not model.hub else task.model,
             model_hash=model.short_hash if model else "",
-            vae_name=Path(vae.name).stem if vae else None,
+            vae_name=Path(vae.path).stem if vae else None,
             vae_hash=vae.short_hash if vae else None,
             extra=extra,
             version=f"render {__version__}",

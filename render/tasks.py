@@ -122,7 +122,8 @@ class Task:
         data["kind"] = self.kind
         data["sections"] = _jsonable(self.sections)
         data["files"] = {
-            label: (ref.path if ref.hub else ref.sha256) for label, ref in sorted(self.files.items())
+            label: (ref.path if ref.hub else ref.sha256)
+            for label, ref in sorted(self.files.items())
         }
         if "model" not in self.files:
             data["model"] = self.model
@@ -147,6 +148,23 @@ class Task:
         if self.files:
             data["files"] = {label: ref.to_json() for label, ref in sorted(self.files.items())}
         return data
+
+
+def task_from_json(data: Mapping[str, Any], section_keys: list[str]) -> Task:
+    """Rebuild a Task from ``Task.to_json()`` output (the provenance of an image)."""
+    files = {label: FileRef(**{k: v for k, v in ref.items() if k != "extra"},
+                            extra=ref.get("extra") or {})
+             for label, ref in (data.get("files") or {}).items()}
+    return Task(
+        job=data["job"], index=data["index"], prompt=data["prompt"], negative=data["negative"],
+        seed=data["seed"], model=data["model"], width=data["width"], height=data["height"],
+        steps=data["steps"], cfg=data["cfg"], sampler=data["sampler"],
+        schedule=data.get("schedule", "Automatic"), clip_skip=data.get("clip_skip", 1),
+        vae=data.get("vae"), image=data.get("image"), strength=data.get("strength"),
+        mask=data.get("mask"), sections={k: data[k] for k in section_keys if k in data},
+        template=data.get("template", ""), picks=tuple(data.get("picks") or ()),
+        axes=data.get("axes") or {}, files=files, id=data.get("id", ""),
+    )
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,0 +1,72 @@
+"""``--replay IMAGE``: re-render an image from the provenance embedded in it, alone.
+
+The provenance holds the resolved task (every setting, every plugin section, the path and
+full sha256 of every file used). Replay checks each file is still there with the same
+hash, so a re-render can only differ from the original for reasons of hardware or versions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from render.errors import UserError
+from render.tasks import Batch, Task, task_from_json
+
+
+def load_task(image: str) -> tuple[Task, dict[str, Any]]:
+    """The task and provenance embedded in ``image``; a clear error when there is none."""
+    from render import metadata
+
+    try:
+        _, prov = metadata.read_metadata(image)
+    except FileNotFoundError:
+        raise UserError(f"{image}: no such file") from None
+    except OSError as exc:
+        raise UserError(f"{image}: cannot read image: {exc}") from None
+    if not prov or "task" not in prov:
+        raise UserError(f"{image}: no render provenance in this image (only images written "
+                        "by render can be replayed)")
+    return task_from_json(prov["task"], list(prov.get("sections", []))), prov
+
+
+def verify_files(task: Task, image: str) -> None:
+    """Every file the task used must still exist with the recorded sha256."""
+    from render.models import sha256_of
+
+    for label, ref in sorted(task.files.items()):
+        if ref.hub:
+            continue
+        if not Path(ref.path).exists():
+            raise UserError(f"{image}: {label} file {ref.path} is gone")
+        if ref.sha256 and sha256_of(Path(ref.path)) != ref.sha256:
+            raise UserError(f"{image}: {label} file {ref.path} changed since the image was "
+                            "rendered (sha256 differs)")
+
+
+def replay_image(args: Any) -> int:
+    from render import __version__, metadata
+    from render.engine import Engine
+    from render.output import atomic_write
+    from render.plugins import load_plugins
+
+    image = args.replay
+    task, prov = load_task(image)
+    verify_files(task, image)
+    plugins = load_plugins(args.plugins_dir)
+    engine = Engine(plugins.pm, device=args.device, dtype=args.dtype)
+    (result,) = engine.render(Batch(("replay",), (task,)))
+    for impl in plugins.pm.hook.postprocess.get_hookimpls():
+        result = impl.function(result=result, task=task) or result
+    out_dir = Path(args.out) if args.out else Path(image).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"{Path(image).stem}-replay.png"
+    described = engine.describe()
+    new_prov = metadata.provenance(
+        task, versions={"render": __version__, **described.get("versions", {})},
+        device=described.get("device", ""), timings=result.timings,
+        infotext=prov.get("infotext", ""))
+    new_prov["replay_of"] = str(image)
+    atomic_write(target, lambda p: metadata.save_image(result.images[0], p, "png", new_prov))
+    print(f"replayed {image} -> {target}")
+    return 0
