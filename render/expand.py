@@ -228,7 +228,8 @@ def _mapping(container: MarkedMap, key: str, path: str, errors: _Collector) -> M
         empty.where, empty.marks = jobfile.where(container, key), {}
         return empty
     if not isinstance(value, MarkedMap):
-        errors.add(jobfile.where(container, key), path, f"expected a mapping, got {describe(value)}")
+        errors.add(jobfile.where(container, key), path,
+                   f"expected a mapping, got {describe(value)}")
         empty = MarkedMap()
         empty.where, empty.marks = jobfile.where(container, key), {}
         return empty
@@ -380,7 +381,7 @@ def _job(jf: JobFile, i: int, entry: Any, entry_where: Location | None, defaults
         prompt_count = _prompt_count(jf, raw, mode, draws, err)
     for axis in grid + zip_axes:
         if axis.top in ("prompt", "negative"):
-            for value, where in zip(axis.values, axis.where):
+            for value, where in zip(axis.values, axis.where, strict=True):
                 _check_template(jf, value, lambda m, w=where, k=axis.key: err(k, m, w,
                                 f"{prefix}.grid.{k}"))
     if "negative" in raw:
@@ -411,7 +412,7 @@ def _check_sampler_pairs(jf: JobFile, raw: dict[str, Any], axes: list[Axis], err
     def values(key: str) -> list[tuple[Any, Location | None, str | None]]:
         axis = next((a for a in axes if a.key == key), None)
         if axis is not None:
-            return [(v, w, f"{key}") for v, w in zip(axis.values, axis.where)]
+            return [(v, w, f"{key}") for v, w in zip(axis.values, axis.where, strict=True)]
         return [(raw[key], None, None)] if raw.get(key) is not None else []
 
     schedules = values("schedule") or [(None, None, None)]
@@ -537,7 +538,7 @@ def _axes(jf: JobFile, raw: dict[str, Any], entry: MarkedMap, section: str, pref
             continue
         axis = Axis(key, list(values), list(values.marks))
         ok = True
-        for item, item_where in zip(values, values.marks):
+        for item, item_where in zip(values, values.marks, strict=True):
             if key == "seed":
                 try:
                     expect_int(item, minimum=0, maximum=MAX_SEED, what="a seed")
@@ -672,8 +673,8 @@ def iter_tasks(plan: JobPlan) -> Iterator[Task]:
     jf = plan.file
     base = {key: jf.normalise(key, value) for key, value in plan.raw.items()
             if key in CORE_FIELDS or ("task", key) in jf.fields}
-    grid_values = [list(zip(a.values, range(len(a.values)))) for a in plan.grid]
-    zip_rows = list(zip(*(a.values for a in plan.zip))) if plan.zip else [()]
+    grid_values = [list(zip(a.values, range(len(a.values)), strict=True)) for a in plan.grid]
+    zip_rows = list(zip(*(a.values for a in plan.zip), strict=True)) if plan.zip else [()]
     index = 0
     prompt_is_axis = any(a.top == "prompt" for a in plan.grid + plan.zip)
     expansions: Any = ([wildcards.Expansion("", ())] if prompt_is_axis
@@ -682,9 +683,9 @@ def iter_tasks(plan: JobPlan) -> Iterator[Task]:
         for cell in itertools.product(*grid_values):
             for row in zip_rows:
                 overrides: dict[str, Any] = {}
-                for axis, (value, _) in zip(plan.grid, cell):
+                for axis, (value, _) in zip(plan.grid, cell, strict=True):
                     overrides[axis.key] = value
-                for axis, value in zip(plan.zip, row):
+                for axis, value in zip(plan.zip, row, strict=True):
                     overrides[axis.key] = value
                 for seed in plan.seeds:
                     yield _build_task(plan, base, overrides, expansion, draw, seed, index)

@@ -75,8 +75,8 @@ def task_files(task: Any, models: Any) -> dict[str, Any] | None:
 
         @hookimpl
         def task_files(task, models):
-            section = task.sections.get("lora") or {}
-            return {f"lora:{n}": models.file_ref("lora", n, models.find("lora", n)) for n in section}
+            names = task.sections.get("lora") or {}
+            return {f"lora:{n}": models.file_ref("lora", n, models.find("lora", n)) for n in names}
     """
 
 

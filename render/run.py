@@ -188,7 +188,8 @@ def _print_table(plans: list[JobPlan], stats: dict[str, Counter[str]],
     rows.append(("total", str(total["tasks"]), str(total["done"]), "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
+        cells = (cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True))
+        print("  ".join(cells) + "  " + row[4])
 
 
 def show(image: str) -> int:

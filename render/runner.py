@@ -105,7 +105,7 @@ class Runner:
             # each task exactly as the first run did.
             paths = output.unique_paths(
                 [(t, self.jobs[t.job], self.roots[t.job]) for t in tasks], now=self._started)
-            self._paths = {(t.job, t.index): p for t, p in zip(tasks, paths)}
+            self._paths = {(t.job, t.index): p for t, p in zip(tasks, paths, strict=True)}
             todo = self._todo(tasks)
             previous = {s: signal.signal(s, self._on_signal)
                         for s in (signal.SIGINT, signal.SIGTERM)}
