@@ -37,6 +37,7 @@ from render.fields import (
     expect_str,
 )
 from render.jobfile import MarkedList, MarkedMap
+from render.models import ALIAS_KEYS as MODEL_MAPPING_KEYS
 from render.plugins import FieldSpec, Plugins
 from render.tasks import Job, OutputSpec, Task
 
@@ -44,7 +45,6 @@ TOP_LEVEL_KEYS = ("version", "model_dirs", "wildcard_dirs", "models", "output", 
                   "jobs")
 OUTPUT_KEYS = ("dir", "name", "format", "grid")
 OUTPUT_FORMATS = ("png", "webp", "jpg")
-MODEL_MAPPING_KEYS = ("source", "vae", "config", "allow_pickle", "prediction")
 JOB_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 MAX_SEED = 2**64 - 1
 

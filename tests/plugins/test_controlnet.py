@@ -664,9 +664,6 @@ jobs:
     assert "controlnet:0" in json.dumps(provenance)
 
 
-@pytest.mark.xfail(reason="the runner writes every result.extras entry; it should write the"
-                   " control-<i> ones only when the job's output.save_control is true",
-                   strict=False)
 def test_cli_writes_no_control_image_without_save_control(tmp_path, kit, refs):
     import torch
 

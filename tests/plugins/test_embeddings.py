@@ -142,7 +142,7 @@ def test_family_mismatch_is_an_error(job: Any, plugins: Any) -> None:
         f"{path}:9:26: jobs[0].embeddings[0]: embedding 'tiny-emb' (tiny-emb.safetensors) is "
         "for SD 1.x/2.x (it has vectors for one text encoder; SDXL needs two), but model "
         "'tiny-sdxl' is SDXL",
-        f"{path}:4:19: defaults.model: embedding 'tiny-emb-xl' (tiny-emb-xl.safetensors, named "
+        f"{path}:11:23: jobs[1].negative: embedding 'tiny-emb-xl' (tiny-emb-xl.safetensors, named "
         "in the negative prompt) is for SDXL (it holds clip_l and clip_g vectors), but model "
         "'tiny-sd15' is SD 1.x",
     ]

@@ -419,5 +419,5 @@ def test_cli_models_prints_one_line_per_entry(models: Path) -> None:
         check=True,
     )
     lines = out.stdout.strip().splitlines()
-    assert [line.split("\t")[0] for line in lines] == list(tk.PATHS)
+    assert [line.split("\t")[0] for line in lines] == [*tk.PATHS, *tk.REFERENCE_IMAGES]
     assert all(Path(line.split("\t")[1]).exists() for line in lines)
