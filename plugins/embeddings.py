@@ -49,12 +49,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import re
 import weakref
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,24 +117,8 @@ def word_pattern(names: Iterator[str] | list[str] | set[str]) -> re.Pattern[str]
 
 
 _DIR_CACHE: dict[tuple[str, ...], tuple[dict[str, str], re.Pattern[str] | None]] = {}
-#: Per resolver: its embedding folders, and ``find`` answers (asked again for every task).
+#: Per resolver: its embedding folders.
 _ROOTS: weakref.WeakKeyDictionary[Any, tuple[str, ...]] = weakref.WeakKeyDictionary()
-_FOUND: weakref.WeakKeyDictionary[Any, dict[str, Path | FieldError]] = (
-    weakref.WeakKeyDictionary())
-
-
-def find(models: Any, name: str) -> Path:
-    """``models.find("embedding", name)``, remembered per resolver."""
-    memo = _FOUND.setdefault(models, {})
-    if name not in memo:
-        try:
-            memo[name] = Path(models.find("embedding", name))
-        except FieldError as exc:
-            memo[name] = exc
-    found = memo[name]
-    if isinstance(found, FieldError):
-        raise FieldError(found.message, found.subkey)
-    return found
 
 
 def available(models: Any) -> tuple[dict[str, str], re.Pattern[str] | None]:
@@ -227,7 +209,7 @@ def task_files(task: Task, models: Any) -> dict[str, FileRef] | None:
 
     for i, name in enumerate(task.sections.get(KEY) or []):
         try:
-            path = find(models, name)
+            path = models.find("embedding", name)
         except FieldError as exc:
             raise FieldError(exc.message, subkey=str(i)) from None
         add(name, path, "", str(i))
@@ -239,7 +221,7 @@ def task_files(task: Task, models: Any) -> dict[str, FileRef] | None:
                 if stem.lower() in wanted:
                     continue
                 try:
-                    path = find(models, stem)
+                    path = models.find("embedding", stem)
                 except FieldError as exc:
                     raise FieldError(
                         f"{exc.message} (the {label} names embedding {stem!r})",
@@ -340,7 +322,10 @@ def _ensure_loaded(pipe: Any, token: str, ref: FileRef) -> None:
     if len(vectors) != len(pairs):
         raise RuntimeError(f"embedding {name} has vectors for {len(vectors)} text encoder(s), "
                            f"{type(pipe).__name__} has {len(pairs)}")
-    with _quiet():
+    from render.engine import quiet_logger
+
+    # transformers announces how it initialises the rows it then overwrites: noise here
+    with quiet_logger("transformers"):
         for (tokenizer, text_encoder), vector in zip(pairs, vectors, strict=True):
             pipe.load_textual_inversion(vector, token=token, tokenizer=tokenizer,
                                         text_encoder=text_encoder)
@@ -378,18 +363,6 @@ def _single_word(tokenizer: Any, tokens: list[str]) -> None:
     if before != after:
         raise RuntimeError(f"re-registering {tokens[0]!r} as a whole-word token changed its "
                            f"ids ({before} -> {after}); this tokenizer is not supported")
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """Hide transformers' notice about how it initialises the rows it then overwrites."""
-    logger = logging.getLogger("transformers")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 # -- write: infotext -----------------------------------------------------------------------------

@@ -388,22 +388,6 @@ def family_text(families: frozenset[str] | set[str]) -> str:
 
 
 _INFO_CACHE: dict[tuple[str, int, int], LoraInfo] = {}
-_FOUND: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], Path | FieldError]] = (
-    weakref.WeakKeyDictionary())
-
-
-def find(models: Any, kind: str, name: str) -> Path:
-    """``models.find`` remembered per resolver: preflight asks again for every task."""
-    memo = _FOUND.setdefault(models, {})
-    if (kind, name) not in memo:
-        try:
-            memo[(kind, name)] = Path(models.find(kind, name))
-        except FieldError as exc:
-            memo[(kind, name)] = exc
-    found = memo[(kind, name)]
-    if isinstance(found, FieldError):
-        raise FieldError(found.message, found.subkey)
-    return found
 
 
 def _cached_info(path: Path) -> LoraInfo:
@@ -439,7 +423,7 @@ def task_files(task: Task, models: Any) -> dict[str, FileRef] | None:
     by_file: dict[str, str] = {}
     for name in section:
         try:
-            path = find(models, "lora", name)
+            path = models.find("lora", name)
         except FieldError as exc:
             raise FieldError(exc.message, subkey=name) from None
         if path.is_dir():

@@ -163,7 +163,7 @@ class ComponentCache:
         if key not in self._items:
             obj = build()
             if _is_module(obj):
-                with _quiet("diffusers.models.modeling_utils"):
+                with quiet_logger("diffusers.models.modeling_utils"):
                     obj = obj.to(self.device, self.dtype)
             self._items[key] = obj
             self.builds += 1
@@ -299,7 +299,7 @@ class Engine:
 
     def _load(self, ref: FileRef) -> Resident:
         # from_single_file casts with .to(dtype), which makes diffusers warn about nothing.
-        with _no_progress_bars(), _quiet("diffusers.models.modeling_utils"):
+        with _no_progress_bars(), quiet_logger("diffusers.models.modeling_utils"):
             return self._load_quietly(ref)
 
     def _load_quietly(self, ref: FileRef) -> Resident:
@@ -395,7 +395,7 @@ class Engine:
             return res.vae
         key = (ref.path, str(res.config_dir))
         if key not in self._vaes:
-            with _no_progress_bars(), _quiet("diffusers.models.modeling_utils"):
+            with _no_progress_bars(), quiet_logger("diffusers.models.modeling_utils"):
                 self._vaes[key] = self._load_vae(res, ref)
         return self._vaes[key]
 
@@ -442,7 +442,7 @@ class Engine:
         if key not in res.views:
             # from_pipe casts every module to its dtype, float32 by default: without it
             # a half-precision base would be silently converted (and double its memory).
-            with _quiet("diffusers.models.modeling_utils"):
+            with quiet_logger("diffusers.models.modeling_utils"):
                 view = cls.from_pipe(res.pipe, **_dtype_kw(self.torch_dtype), **components)
             view.set_progress_bar_config(disable=True)
             res.views[key] = view
@@ -728,7 +728,7 @@ def _no_progress_bars() -> Iterator[None]:
 
 
 @contextmanager
-def _quiet(logger_name: str) -> Iterator[None]:
+def quiet_logger(logger_name: str) -> Iterator[None]:
     """Silence one library logger for a moment (a warning that is noise for us)."""
     logger = logging.getLogger(logger_name)
     level = logger.level

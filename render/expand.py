@@ -96,20 +96,9 @@ class JobPlan:
     def locate(self, key_path: str) -> tuple[Location | None, str]:
         """Where a (dotted) key of this job was written, and how to name it in an error."""
         top, _, rest = key_path.partition(".")
-        where = self.locations.get(top, self.job.where)
-        container = self.raw.get(top)
-        for part in rest.split(".") if rest else []:
-            index: Any = int(part) if part.isdigit() else part
-            if isinstance(container, (MarkedMap, MarkedList)):
-                try:
-                    where = jobfile.where(container, index) or where
-                    container = container[index]
-                    continue
-                except (KeyError, IndexError, TypeError):
-                    pass
-            break
-        prefix = self.key_paths.get(top, f"jobs[{self.job.name}].{top}")
-        return where, prefix + _format_subkey(rest)
+        where, subpath = _sub_location(self.raw.get(top), rest,
+                                       self.locations.get(top, self.job.where))
+        return where, self.key_paths.get(top, f"jobs[{self.job.name}].{top}") + subpath
 
 
 @dataclass

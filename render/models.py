@@ -576,6 +576,7 @@ class ModelResolver:
         self.hash_cache = hash_cache
         self._index: dict[Path, list[_Entry]] = {}
         self._refs: dict[tuple[str, str], FileRef] = {}
+        self._located: dict[tuple[str, str], Resolved | FieldError] = {}
 
     # folders ------------------------------------------------------------------------------
     def _abs(self, path: Path) -> Path:
@@ -643,11 +644,21 @@ class ModelResolver:
         """Like :meth:`find`, also returning the alias options (``allow_pickle`` ...)."""
         if not isinstance(name, str) or not name.strip():
             raise FieldError(f"{kind} name must be a non-empty string")
-        options = self.alias(kind, name) or {}
-        target = str(options.get("source", name))
-        path = self._find_path(kind, target, name)
-        self._check_pickle(kind, name, path, options)
-        return Resolved(path, options)
+        # Remembered: preflight asks again for every task, and folders don't change mid-run.
+        found = self._located.get((kind, name))
+        if found is None:
+            try:
+                options = self.alias(kind, name) or {}
+                target = str(options.get("source", name))
+                path = self._find_path(kind, target, name)
+                self._check_pickle(kind, name, path, options)
+                found = Resolved(path, options)
+            except FieldError as exc:
+                found = exc
+            self._located[(kind, name)] = found
+        if isinstance(found, FieldError):
+            raise FieldError(found.message, found.subkey)
+        return found
 
     def find(self, kind: str, name: str) -> Path:
         """The file or folder ``name`` means as a ``kind``; FieldError says where it looked."""

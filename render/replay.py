@@ -14,16 +14,21 @@ from render.errors import UserError
 from render.tasks import Batch, Task, task_from_json
 
 
-def load_task(image: str) -> tuple[Task, dict[str, Any]]:
-    """The task and provenance embedded in ``image``; a clear error when there is none."""
+def read_image_metadata(image: str) -> tuple[str | None, dict[str, Any] | None]:
+    """(infotext, provenance) of ``image``; an unreadable file is a one-line user error."""
     from render import metadata
 
     try:
-        _, prov = metadata.read_metadata(image)
+        return metadata.read_metadata(image)
     except FileNotFoundError:
         raise UserError(f"{image}: no such file") from None
     except OSError as exc:
         raise UserError(f"{image}: cannot read image: {exc}") from None
+
+
+def load_task(image: str) -> tuple[Task, dict[str, Any]]:
+    """The task and provenance embedded in ``image``; a clear error when there is none."""
+    _, prov = read_image_metadata(image)
     if not prov or "task" not in prov:
         raise UserError(f"{image}: no render provenance in this image (only images written "
                         "by render can be replayed)")

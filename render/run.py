@@ -10,10 +10,8 @@ import fnmatch
 import json
 import logging
 import sys
-import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -104,24 +102,35 @@ def run(args: Any) -> int:
     files = load_all(args.jobs, plugins)
     plans = selected_plans(files, args.only)
     guard(plans, args.max_tasks)
-    checkers = {id(jf): Preflight(jf) for jf in files}
     if args.dry_run:
-        return dry_run(plans, plugins, checkers, args)
-    pairs = list(expanded(plans, plugins, args.limit))
-    tasks = []
+        return dry_run(plans, plugins, {id(jf): Preflight(jf) for jf in files}, args)
+    tasks = resolve_tasks(plans, plugins, args.limit)
+    from render.runner import Runner
+
+    return Runner(plans, plugins, args).run(tasks)
+
+
+def resolve_tasks(plans: list[JobPlan], plugins: Plugins,
+                  limit: int | None = None) -> list[Task]:
+    """Expand and preflight every task of ``plans``: the tasks as the renderer gets them.
+
+    Raises ``JobErrors`` with every problem of every job file before anything renders.
+    """
+    checkers: dict[int, Preflight] = {}
+    pairs: dict[int, list[tuple[Task, JobPlan]]] = {}
+    for task, plan in expanded(plans, plugins, limit):
+        checkers.setdefault(id(plan.file), Preflight(plan.file))
+        pairs.setdefault(id(plan.file), []).append((task, plan))
+    tasks: list[Task] = []
     errors: list[JobError] = []
-    for jf in files:
-        checker = checkers[id(jf)]
-        mine = [(t, p) for t, p in pairs if p.file is jf]
+    for key, mine in pairs.items():
         try:
-            tasks.extend(preflight(mine, checker))
+            tasks.extend(preflight(mine, checkers[key]))
         except JobErrors as exc:
             errors.extend(exc.errors)
     if errors:
         raise JobErrors(errors)
-    from render.runner import Runner
-
-    return Runner(plans, plugins, args).run(tasks)
+    return tasks
 
 
 def dry_run(plans: list[JobPlan], plugins: Plugins, checkers: dict[int, Preflight],
@@ -193,14 +202,9 @@ def _print_table(plans: list[JobPlan], stats: dict[str, Counter[str]],
 
 
 def show(image: str) -> int:
-    from render import metadata
+    from render.replay import read_image_metadata
 
-    try:
-        infotext, provenance = metadata.read_metadata(image)
-    except FileNotFoundError:
-        raise UserError(f"{image}: no such file") from None
-    except OSError as exc:
-        raise UserError(f"{image}: cannot read image: {exc}") from None
+    infotext, provenance = read_image_metadata(image)
     if infotext is None and provenance is None:
         raise UserError(f"{image}: no generation metadata found")
     if infotext:
@@ -218,12 +222,3 @@ def replay(args: Any) -> int:
     from render.replay import replay_image
 
     return replay_image(args)
-
-
-@dataclass
-class Counts:
-    rendered: int = 0
-    skipped: int = 0
-    failed: int = 0
-    failures: list[tuple[str, str]] = field(default_factory=list)
-    started: float = field(default_factory=time.monotonic)

@@ -16,8 +16,9 @@ import pytest
 
 from render import expand
 from render.errors import JobErrors
-from render.plan import Preflight, make_batches, preflight
+from render.plan import make_batches
 from render.plugins import load_dir, load_plugins
+from render.run import resolve_tasks
 from render.tasks import Batch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,9 +77,7 @@ def job(tmp_path: Path, kit: Path, body: str, dirs: list[Path] | None = None) ->
 
 def plan(path: Path, plugins) -> list:
     """Load, expand and preflight a job file: the tasks as the renderer gets them."""
-    jf = expand.load_job_file(path, plugins)
-    pairs = [(t, p) for p in jf.jobs for t in expand.iter_tasks(p)]
-    return preflight(pairs, Preflight(jf))
+    return resolve_tasks(expand.load_job_file(path, plugins).jobs, plugins)
 
 
 def errors(path: Path, plugins) -> list[str]:

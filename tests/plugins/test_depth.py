@@ -9,8 +9,9 @@ import pytest
 
 from render import expand
 from render.errors import JobErrors
-from render.plan import Preflight, make_batches, preflight
+from render.plan import make_batches
 from render.plugins import load_dir, load_plugins
+from render.run import resolve_tasks
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADER = """version: 1
@@ -68,8 +69,8 @@ def job(tmp_path: Path, kit: Path, body: str) -> Path:
 
 
 def plan(path: Path, plugins) -> list:
-    jf = expand.load_job_file(path, plugins)
-    return preflight([(t, p) for p in jf.jobs for t in expand.iter_tasks(p)], Preflight(jf))
+    """Load, expand and preflight a job file: the tasks as the renderer gets them."""
+    return resolve_tasks(expand.load_job_file(path, plugins).jobs, plugins)
 
 
 def errors(path: Path, plugins) -> list[str]:

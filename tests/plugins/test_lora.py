@@ -19,8 +19,9 @@ import pytest
 
 from render import expand
 from render.errors import FieldError, JobErrors
-from render.plan import Preflight, make_batches, preflight
+from render.plan import make_batches
 from render.plugins import load_plugins
+from render.run import resolve_tasks
 from render.tasks import Batch, Result, Task
 
 JOB = """\
@@ -57,10 +58,7 @@ def job(kit: Path, write_job: Any) -> Any:
 
 def resolve(path: Path, plugins: Any) -> list[Task]:
     """Load, expand (plugins included) and preflight a job file, as ``render`` does."""
-    jf = expand.load_job_file(path, plugins)
-    pairs = [(final, plan) for plan in jf.jobs for task in expand.iter_tasks(plan)
-             for final in expand.plugin_expand(task, plugins)]
-    return preflight(pairs, Preflight(jf))
+    return resolve_tasks(expand.load_job_file(path, plugins).jobs, plugins)
 
 
 def by_job(tasks: list[Task]) -> dict[str, Task]:
