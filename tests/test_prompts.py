@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 import subprocess
 import sys
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +19,10 @@ from render.prompts import BREAK, chunk_tokens, parse_attention
 
 
 def write_clip_tokenizer(folder: Path) -> Path:
-    """Write SD's CLIP BPE vocab/merges, derived from the table open_clip ships (offline)."""
-    spec = find_spec("open_clip")
-    assert spec is not None and spec.submodule_search_locations
-    table = next(
-        Path(p) / "bpe_simple_vocab_16e6.txt.gz" for p in spec.submodule_search_locations
-    )
-    with gzip.open(table, "rt", encoding="utf-8") as fh:
-        merges = fh.read().split("\n")[1 : 49152 - 256 - 2 + 1]
-    shown = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    hidden = [b for b in range(256) if b not in shown]
-    symbols = [chr(b) for b in shown] + [chr(256 + i) for i in range(len(hidden))]
-    vocab = [*symbols, *(s + "</w>" for s in symbols), *("".join(m.split()) for m in merges)]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    """Write SD's CLIP BPE vocab/merges (offline, from the table open_clip ships)."""
+    from render.clip_vocab import write_vocab_files
+
+    write_vocab_files(folder)
     return folder
 
 

@@ -53,7 +53,7 @@ def shipped_config_dir(name: str, cache: Path | None = None) -> Path:
     dest = (cache or cache_dir()) / "configs" / f"{name}-{_digest(src)}"
     if (dest / "model_index.json").is_file():
         return dest
-    from render.testing.tokenizer import write_vocab_files
+    from render.clip_vocab import write_vocab_files
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=dest.parent))

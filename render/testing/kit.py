@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 
+from render.clip_vocab import make_clip_tokenizer, write_vocab_files
+
 from . import KIT_VERSION, MARKER, PATHS, _is_complete
 from .ldm_keys import UNetLayout, kohya_te_name, kohya_unet_name, to_ldm_checkpoint
 from .stfile import rewrite_safetensors, save_safetensors
-from .tokenizer import make_clip_tokenizer, write_vocab_files
 
 # Magnitudes of the randomised parts, chosen so each visibly changes a 64x64, 4-step render
 # (the tests assert the effect). Zero or tiny values would make a plugin test pass vacuously.

@@ -17,28 +17,13 @@ import pytest
 from render import expand
 from render.errors import JobErrors
 from render.plan import make_batches
-from render.plugins import load_dir, load_plugins
 from render.run import resolve_tasks
 from render.tasks import Batch
 
-ROOT = Path(__file__).resolve().parents[2]
 HEADER = """version: 1
 model_dirs: {dirs}
 defaults: {{model: tiny-sd15, size: 64x64, steps: 3, sampler: Euler a, seed: 1}}
 """
-
-
-@pytest.fixture(scope="module")
-def plugins(tmp_path_factory):
-    """The core plus controlnet.py and depth.py, imported by path like any built-in."""
-    folder = tmp_path_factory.mktemp("plugin-files")
-    for name in ("controlnet.py", "depth.py"):
-        (folder / name).symlink_to(ROOT / "plugins" / name)
-    loaded = load_plugins(builtins=False)
-    load_dir(loaded, folder)
-    loaded.pm.check_pending()
-    assert not loaded.failures, loaded.failures
-    return loaded
 
 
 @pytest.fixture(scope="module")
@@ -54,18 +39,6 @@ def refs(tmp_path_factory):
     from render.testing import write_reference_images
 
     return write_reference_images(tmp_path_factory.mktemp("refs"))
-
-
-@pytest.fixture(scope="module")
-def engine(plugins, kit):
-    import torch
-
-    torch.set_num_threads(1)
-    from render.engine import Engine
-
-    eng = Engine(plugins.pm, device="cpu", dtype="float32", max_resident=2)
-    yield eng
-    eng.close()
 
 
 def job(tmp_path: Path, kit: Path, body: str, dirs: list[Path] | None = None) -> Path:

@@ -10,27 +10,12 @@ import pytest
 from render import expand
 from render.errors import JobErrors
 from render.plan import make_batches
-from render.plugins import load_dir, load_plugins
 from render.run import resolve_tasks
 
-ROOT = Path(__file__).resolve().parents[2]
 HEADER = """version: 1
 model_dirs: [{kit}]
 defaults: {{model: tiny-sd2-depth, size: 64x64, steps: 3, sampler: DDIM, seed: 1}}
 """
-
-
-@pytest.fixture(scope="module")
-def plugins(tmp_path_factory):
-    """The core plus depth.py and controlnet.py, imported by path like any built-in."""
-    folder = tmp_path_factory.mktemp("plugin-files")
-    for name in ("depth.py", "controlnet.py"):
-        (folder / name).symlink_to(ROOT / "plugins" / name)
-    loaded = load_plugins(builtins=False)
-    load_dir(loaded, folder)
-    loaded.pm.check_pending()
-    assert not loaded.failures, loaded.failures
-    return loaded
 
 
 @pytest.fixture(scope="module")
@@ -48,18 +33,6 @@ def refs(tmp_path_factory):
     wide.save(folder / "ramp16.png")
     found["ramp16.png"] = folder / "ramp16.png"
     return found
-
-
-@pytest.fixture(scope="module")
-def engine(plugins, kit):
-    import torch
-
-    torch.set_num_threads(1)
-    from render.engine import Engine
-
-    eng = Engine(plugins.pm, device="cpu", dtype="float32", max_resident=1)
-    yield eng
-    eng.close()
 
 
 def job(tmp_path: Path, kit: Path, body: str) -> Path:

@@ -19,38 +19,14 @@ import pytest
 
 from render import expand
 from render.errors import FieldError, JobErrors
-from render.plugins import load_plugins
 from render.run import resolve_tasks
 from render.tasks import Batch, Result, Task
-
-JOB = """\
-version: 1
-model_dirs: [{dirs}]
-output: {{dir: "out/{{job}}"}}
-defaults: {{model: tiny-sd15, size: 64x64, steps: 3, cfg: 5, sampler: Euler, seed: 1,
-           prompt: "a house"}}
-jobs:
-"""
-
-
-@pytest.fixture(scope="module")
-def plugins() -> Any:
-    return load_plugins()
 
 
 @pytest.fixture(scope="module")
 def emb(plugins: Any) -> Any:
     """The plugin module as loaded (by file path, like a user's plugin)."""
     return plugins.pm.get_plugin("embeddings")
-
-
-@pytest.fixture
-def job(kit: Path, write_job: Any) -> Any:
-    def make(entries: str, *, dirs: tuple[Path, ...] = ()) -> Path:
-        all_dirs = ", ".join(str(d) for d in (*dirs, kit))
-        return write_job(JOB.format(dirs=all_dirs) + entries)
-
-    return make
 
 
 def resolve(path: Path, plugins: Any) -> list[Task]:

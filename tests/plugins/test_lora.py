@@ -20,40 +20,14 @@ import pytest
 from render import expand
 from render.errors import FieldError, JobErrors
 from render.plan import make_batches
-from render.plugins import load_plugins
 from render.run import resolve_tasks
 from render.tasks import Batch, Result, Task
-
-JOB = """\
-version: 1
-model_dirs: [{dirs}]
-output: {{dir: "out/{{job}}"}}
-defaults: {{model: tiny-sd15, size: 64x64, steps: 3, cfg: 5, sampler: Euler, seed: 1,
-           prompt: "a house"}}
-jobs:
-"""
-
-
-@pytest.fixture(scope="module")
-def plugins() -> Any:
-    return load_plugins()
 
 
 @pytest.fixture(scope="module")
 def lora(plugins: Any) -> Any:
     """The plugin module as loaded (by file path, like a user's plugin)."""
     return plugins.pm.get_plugin("lora")
-
-
-@pytest.fixture
-def job(kit: Path, write_job: Any) -> Any:
-    """Write a job file on the kit from the entries under ``jobs:``; extra model dirs first."""
-
-    def make(entries: str, *, dirs: tuple[Path, ...] = ()) -> Path:
-        all_dirs = ", ".join(str(d) for d in (*dirs, kit))
-        return write_job(JOB.format(dirs=all_dirs) + entries)
-
-    return make
 
 
 def resolve(path: Path, plugins: Any) -> list[Task]:
@@ -338,18 +312,6 @@ def test_lora_hashes_in_a1111_format(job: Any, plugins: Any, lora: Any, kit: Pat
 
 
 # -- rendering -----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def engine(plugins: Any) -> Any:
-    import torch
-
-    from render.engine import Engine
-
-    torch.set_num_threads(1)
-    eng = Engine(plugins.pm, device="cpu", dtype="float32")
-    yield eng
-    eng.close()
-
 
 def render_one(engine: Any, task: Task) -> np.ndarray:
     """One task in its own call, in the order the test says (the state between calls is
