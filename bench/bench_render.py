@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))   # run from a checkout, installed or not
 
 PLAIN_LOOP = textwrap.dedent('''
     """The baseline: what a user writes by hand with diffusers."""
@@ -54,7 +55,7 @@ def job_yaml(model_dir: Path, model: str, n: int, size: int, steps: int, out: Pa
     return textwrap.dedent(f"""
         version: 1
         model_dirs: [{model_dir}]
-        output: {{dir: {out}/{{job}}, grid: false}}
+        output: {{dir: "{out}/{{job}}", grid: false}}
         defaults: {{model: {model}, size: {size}x{size}, steps: {steps}, sampler: Euler a,
                    negative: "lowres"}}
         jobs:

@@ -439,8 +439,10 @@ def build_embeddings(sd15: Any, sdxl: Any, folder: Path, seed: int) -> None:
 def build_into(root: Path) -> dict[str, float]:
     """Write every kit file under ``root`` (which should be empty); return seconds per step."""
     from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import disable_progress_bars
 
     diffusers_logging.disable_progress_bar()  # "Writing model shards" bars are noise here
+    disable_progress_bars()
     timings: dict[str, float] = {}
     scratch = root / ".scratch"
     start = time.perf_counter()
