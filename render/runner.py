@@ -247,8 +247,8 @@ class Runner:
         for fields in self.hook.result_metadata(task=task, result=result):
             if fields:
                 extra.update(fields)
-        for note in result.notes:
-            extra.setdefault("Render notes", note)
+        if result.notes:   # e.g. the memory savers an OOM retry turned on
+            extra["Render notes"] = "; ".join(result.notes)
         model = task.files.get("model")
         vae = task.files.get("vae")
         text = metadata.infotext(
