@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import itertools
 import json
@@ -699,7 +700,11 @@ def _build_task(plan: JobPlan, base: dict[str, Any], overrides: dict[str, Any],
         settings[top] = jf.normalise(top, value)
     seed = overrides.get("seed", seed)
 
-    rng = _rng(plan.job.name, seed, draw, index)
+    negative = str(settings.get("negative") or "")
+    negative_has_choices = "{" in negative or "__" in negative
+    # Draws for this task only (a prompt axis, a negative with choices), seeded stably.
+    rng = (_rng(plan.job.name, seed, draw, index)
+           if "prompt" in raw_sections or negative_has_choices else None)
     template = str(plan.raw.get("prompt") or "")
     prompt, picks = expansion.text, tuple(expansion.picks)
     if "prompt" in raw_sections:
@@ -709,7 +714,8 @@ def _build_task(plan: JobPlan, base: dict[str, Any], overrides: dict[str, Any],
     if "prompt_sr" in overrides:
         axis = next(a for a in plan.grid + plan.zip if a.key == "prompt_sr")
         prompt = prompt.replace(str(axis.values[0]), str(overrides["prompt_sr"]))
-    negative = wildcards.sample(str(settings.get("negative") or ""), jf.library, rng).text
+    if negative_has_choices:
+        negative = wildcards.sample(negative, jf.library, rng).text
 
     width, height = settings.pop("size")
     width = settings.pop("width", None) or width
@@ -727,6 +733,7 @@ def _build_task(plan: JobPlan, base: dict[str, Any], overrides: dict[str, Any],
     )
 
 
+@functools.lru_cache(maxsize=256)
 def _sampler_and_schedule(sampler: tuple[str, str | None], schedule: str | None) -> tuple[str, str]:
     """The canonical pair, with Automatic resolved to what it means for this sampler.
 

@@ -73,6 +73,8 @@ class Preflight:
                 failed = True
         if failed:
             return None
+        # ``files`` is the task's own dict: plugins see the core's files, and what they add
+        # joins it before the id is computed.
         task = dataclasses.replace(task, files=files)
         hook = self.jf.plugins.pm.hook
         for impl in hook.task_files.get_hookimpls():
@@ -84,7 +86,6 @@ class Preflight:
                 return None
             if extra:
                 files.update(extra)
-        task = dataclasses.replace(task, files=dict(files))
         return dataclasses.replace(task, id=task.compute_id())
 
 

@@ -138,9 +138,10 @@ def dry_run(plans: list[JobPlan], plugins: Plugins, checkers: dict[int, Prefligh
     """List tasks (table or JSON lines), streaming; nothing is written anywhere."""
     from render import output
 
-    done_cache: dict[Path, set[str]] = {}
+    done_by_root: dict[Path, set[str]] = {}
+    done_ids: dict[int, set[str]] = {}      # per plan: the ledger of its output root
     stats: dict[str, Counter[str]] = {}
-    needs: dict[str, set[str]] = {}
+    needs: dict[str, set[tuple[str, str]]] = {}
     errors: list[JobError] = []
     out = sys.stdout
     for task, plan in expanded(plans, plugins, args.limit):
@@ -148,16 +149,17 @@ def dry_run(plans: list[JobPlan], plugins: Plugins, checkers: dict[int, Prefligh
         resolved = checker.resolve(task, plan)
         if resolved is None:
             continue
-        root = output.output_root(plan.job.output.dir, plan.job.base_dir)
-        if root not in done_cache:
-            done_cache[root] = _done_ids_readonly(root)
-        done = resolved.id in done_cache[root]
+        if id(plan) not in done_ids:
+            root = output.output_root(plan.job.output.dir, plan.job.base_dir)
+            if root not in done_by_root:
+                done_by_root[root] = _done_ids_readonly(root)
+            done_ids[id(plan)] = done_by_root[root]
+        done = resolved.id in done_ids[id(plan)]
         counter = stats.setdefault(plan.job.name, Counter())
         counter["tasks"] += 1
         counter["done"] += done
-        files = needs.setdefault(plan.job.name, set())
-        files.update(f"{ref.kind}:{Path(ref.path).name}" for ref in resolved.files.values()
-                     if ref.kind != "image")
+        needs.setdefault(plan.job.name, set()).update(
+            (ref.kind, ref.path) for ref in resolved.files.values() if ref.kind != "image")
         if args.json:
             record = resolved.to_json()
             record["done"] = done
@@ -179,7 +181,7 @@ def _done_ids_readonly(root: Path) -> set[str]:
 
 
 def _print_table(plans: list[JobPlan], stats: dict[str, Counter[str]],
-                 needs: dict[str, set[str]]) -> None:
+                 needs: dict[str, set[tuple[str, str]]]) -> None:
     rows = [("job", "tasks", "done", "axes", "needs")]
     total = Counter()
     for plan in plans:
@@ -192,8 +194,9 @@ def _print_table(plans: list[JobPlan], stats: dict[str, Counter[str]],
             axes += (" x " if axes else "") + f"seeds({len(plan.seeds)})"
         if plan.prompt_count > 1:
             axes = f"prompts({plan.prompt_count})" + (" x " + axes if axes else "")
+        files = sorted(f"{kind}:{Path(path).name}" for kind, path in needs.get(plan.job.name, ()))
         rows.append((plan.job.name, str(counter["tasks"]), str(counter["done"]), axes or "-",
-                     ", ".join(sorted(needs.get(plan.job.name, ()))) or "-"))
+                     ", ".join(files) or "-"))
     rows.append(("total", str(total["tasks"]), str(total["done"]), "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:
