@@ -87,3 +87,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except BrokenPipeError:
         return EXIT_OK
+    except KeyboardInterrupt:   # a second Ctrl-C: the first one asked for a clean stop
+        print("aborted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -68,6 +68,7 @@ class Runner:
         self.roots = {name: output.output_root(job.output.dir, job.base_dir).resolve()
                       for name, job in self.jobs.items()}
         self.counts = Counts()
+        self._counts_lock = threading.Lock()   # the writer thread counts too
         self.stop = threading.Event()
         self.engine: Any = None
         self.ledgers: dict[Path, Any] = {}
@@ -202,8 +203,9 @@ class Runner:
         log.debug("task %s failed:\n%s", task.short_id, "".join(
             traceback.format_exception(type(exc), exc, exc.__traceback__)))
         self.ledgers[self.roots[task.job]].record_failed(task, message)
-        self.counts.failed += 1
-        self.counts.failures.append((task, message))
+        with self._counts_lock:
+            self.counts.failed += 1
+            self.counts.failures.append((task, message))
         self.progress.advance(task, ok=False)
 
     # -- write (writer thread) -------------------------------------------------------------
@@ -229,7 +231,8 @@ class Runner:
             result.timings["write"] = time.monotonic() - start
             self.ledgers[root].record_done(task, [str(p) for p in written], result.timings,
                                            infotext)
-            self.counts.rendered += 1
+            with self._counts_lock:
+                self.counts.rendered += 1
             self.progress.advance(task, ok=True)
         except Exception as exc:
             self._fail(task, exc)
