@@ -1,6 +1,7 @@
 """The run ledger (``render.db`` in the output root) and the run lock.
 
-The ledger is what makes a night resumable: one SQLite row per task id, committed one at a
+The ledger is what makes a night resumable: one SQLite row per task (its content id and its
+job: two jobs that ask for the same pixels each get their file), committed one at a
 time, in WAL mode with ``synchronous=FULL``, so a crash or ``kill -9`` at any moment loses
 at most the row being written. Callers' contract: ``record_done`` is called only after the
 output file is complete under its final name (``render.output.atomic_write`` returned), so
@@ -35,11 +36,11 @@ from render.tasks import Task
 
 DB_NAME = "render.db"
 LOCK_NAME = "render.lock"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
-    id         TEXT PRIMARY KEY,
+    id         TEXT NOT NULL,             -- the content id: what decides the pixels
     job        TEXT NOT NULL,
     idx        INTEGER NOT NULL,
     status     TEXT NOT NULL,             -- done | failed | replaced
@@ -48,12 +49,14 @@ CREATE TABLE IF NOT EXISTS tasks (
     error      TEXT,
     infotext   TEXT,
     settings   TEXT NOT NULL,             -- JSON: task.to_json() + kind + sections
-    updated_at TEXT NOT NULL
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (id, job)
 );
 CREATE INDEX IF NOT EXISTS tasks_job ON tasks (job, idx);
 CREATE TABLE IF NOT EXISTS outputs (
     path    TEXT PRIMARY KEY,             -- which task's file sits at this path now
-    task_id TEXT NOT NULL
+    task_id TEXT NOT NULL,
+    job     TEXT NOT NULL
 );
 """
 
@@ -158,23 +161,25 @@ class Ledger:
         now = _now()
         with self._transaction() as db:
             for path in rel:
-                owner = db.execute("SELECT task_id FROM outputs WHERE path=?", (path,)).fetchone()
-                if owner and owner[0] != task.id:
+                owner = db.execute("SELECT task_id, job FROM outputs WHERE path=?",
+                                   (path,)).fetchone()
+                if owner and tuple(owner) != (task.id, task.job):
                     db.execute(
                         "UPDATE tasks SET status='replaced', updated_at=? "
-                        "WHERE id=? AND status='done'", (now, owner[0]),
+                        "WHERE id=? AND job=? AND status='done'", (now, *owner),
                     )
-                db.execute("INSERT OR REPLACE INTO outputs (path, task_id) VALUES (?, ?)",
-                           (path, task.id))
+                db.execute("INSERT OR REPLACE INTO outputs (path, task_id, job) VALUES (?, ?, ?)",
+                           (path, task.id, task.job))
             marks = ",".join("?" * len(rel))
-            db.execute(f"DELETE FROM outputs WHERE task_id=? AND path NOT IN ({marks})",
-                       (task.id, *rel))
+            db.execute(f"DELETE FROM outputs WHERE task_id=? AND job=? AND path NOT IN ({marks})",
+                       (task.id, task.job, *rel))
             self._upsert(db, task, "done", json.dumps(rel), timings, None, infotext, now)
 
     def record_failed(self, task: Task, error: str) -> None:
         """Record a task that failed (its error text kept for the summary and gallery)."""
         with self._transaction() as db:
-            old = db.execute("SELECT outputs FROM tasks WHERE id=?", (task.id,)).fetchone()
+            old = db.execute("SELECT outputs FROM tasks WHERE id=? AND job=?",
+                             (task.id, task.job)).fetchone()
             outputs = old[0] if old else "[]"
             self._upsert(db, task, "failed", outputs, {}, str(error), None, _now())
 
@@ -192,13 +197,13 @@ class Ledger:
         )
 
     # -- reading -------------------------------------------------------------------------------
-    def done_ids(self, *, check_files: bool = False) -> set[str]:
-        """Ids of tasks whose outputs are in place; ``check_files`` also checks the disk."""
+    def done_keys(self, *, check_files: bool = False) -> set[tuple[str, str]]:
+        """``(id, job)`` of tasks whose outputs are in place; ``check_files`` checks the disk."""
         with self._lock:
-            rows = self._db.execute("SELECT id, outputs FROM tasks WHERE status='done'").fetchall()
-        if not check_files:
-            return {r[0] for r in rows}
-        return {r[0] for r in rows if all(self._abs(p).exists() for p in json.loads(r[1]))}
+            rows = self._db.execute(
+                "SELECT id, job, outputs FROM tasks WHERE status='done'").fetchall()
+        return {(r[0], r[1]) for r in rows
+                if not check_files or all(self._abs(p).exists() for p in json.loads(r[2]))}
 
     def rows(self, job: str | None = None, *, status: str | None = None) -> list[LedgerRow]:
         """Rows (of one job, of one status), ordered by job then index."""
@@ -244,8 +249,8 @@ class Ledger:
         self.close()
 
 
-def read_done_ids(root: Path | str, *, filename: str = DB_NAME) -> set[str]:
-    """Done task ids of the ledger at ``root``, read without creating or locking anything.
+def read_done_keys(root: Path | str, *, filename: str = DB_NAME) -> set[tuple[str, str]]:
+    """Done ``(id, job)`` of the ledger at ``root``, read without creating or locking anything.
 
     For ``--dry-run``: no ledger yet means nothing done. Safe while a run is writing (WAL).
     """
@@ -257,14 +262,14 @@ def read_done_ids(root: Path | str, *, filename: str = DB_NAME) -> set[str]:
     except sqlite3.OperationalError:
         db = sqlite3.connect(path, timeout=30)
     try:
-        rows = db.execute("SELECT id FROM tasks WHERE status='done'").fetchall()
+        rows = db.execute("SELECT id, job FROM tasks WHERE status='done'").fetchall()
     except sqlite3.OperationalError as exc:
         if "no such table" in str(exc):
             return set()
         raise
     finally:
         db.close()
-    return {r[0] for r in rows}
+    return {(r[0], r[1]) for r in rows}
 
 
 # -- processes -------------------------------------------------------------------------------

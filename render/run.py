@@ -137,9 +137,10 @@ def dry_run(plans: list[JobPlan], plugins: Plugins, checkers: dict[int, Prefligh
             args: Any) -> int:
     """List tasks (table or JSON lines), streaming; nothing is written anywhere."""
     from render import output
+    from render.ledger import read_done_keys
 
-    done_by_root: dict[Path, set[str]] = {}
-    done_ids: dict[int, set[str]] = {}      # per plan: the ledger of its output root
+    done_by_root: dict[Path, set[tuple[str, str]]] = {}
+    done_keys: dict[int, set[tuple[str, str]]] = {}   # per plan: its output root's ledger
     stats: dict[str, Counter[str]] = {}
     needs: dict[str, set[tuple[str, str]]] = {}
     errors: list[JobError] = []
@@ -149,12 +150,12 @@ def dry_run(plans: list[JobPlan], plugins: Plugins, checkers: dict[int, Prefligh
         resolved = checker.resolve(task, plan)
         if resolved is None:
             continue
-        if id(plan) not in done_ids:
+        if id(plan) not in done_keys:
             root = output.output_root(plan.job.output.dir, plan.job.base_dir)
             if root not in done_by_root:
-                done_by_root[root] = _done_ids_readonly(root)
-            done_ids[id(plan)] = done_by_root[root]
-        done = resolved.id in done_ids[id(plan)]
+                done_by_root[root] = read_done_keys(root)
+            done_keys[id(plan)] = done_by_root[root]
+        done = (resolved.id, resolved.job) in done_keys[id(plan)]
         counter = stats.setdefault(plan.job.name, Counter())
         counter["tasks"] += 1
         counter["done"] += done
@@ -171,13 +172,6 @@ def dry_run(plans: list[JobPlan], plugins: Plugins, checkers: dict[int, Prefligh
     if not args.json:
         _print_table(plans, stats, needs)
     return 0
-
-
-def _done_ids_readonly(root: Path) -> set[str]:
-    """Ids the ledger at ``root`` holds as done, read without creating or locking anything."""
-    from render.ledger import read_done_ids
-
-    return read_done_ids(root)
 
 
 def _print_table(plans: list[JobPlan], stats: dict[str, Counter[str]],

@@ -8,6 +8,7 @@ file under a final name. SIGINT/SIGTERM finish the batch in flight, write it, an
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
@@ -74,7 +75,7 @@ class Runner:
         self.ledgers: dict[Path, Any] = {}
         self._paths: dict[tuple[str, int], Path] = {}
         self._started = datetime.now()
-        self._write_error: BaseException | None = None
+        self._twins: dict[str, list[Task]] = {}   # id -> other jobs' tasks with its pixels
 
     # -- signals ---------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -117,32 +118,40 @@ class Runner:
                     signal.signal(s, handler)
             report = self._report()
         print(self._summary(), file=sys.stderr if self.args.quiet else sys.stdout)
-        if self._write_error is not None:
-            raise self._write_error
         if report.interrupted:
             return EXIT_INTERRUPTED
         return EXIT_FAILED if self.counts.failed else EXIT_OK
 
     def _todo(self, tasks: list[Task]) -> list[Task]:
-        """Tasks not yet in their ledger (all of them with --force), duplicates dropped."""
-        done: dict[Path, set[str]] = {root: ledger.done_ids()
-                                      for root, ledger in self.ledgers.items()}
-        seen: set[str] = set()
+        """Tasks to render: not yet in their ledger (all with --force), each id once.
+
+        A task whose pixels another job of this run renders too (same id) is not rendered
+        twice: it becomes a twin of that task and gets its own file from the same images.
+        """
+        done: dict[Path, set[tuple[str, str]]] = {root: ledger.done_keys()
+                                                  for root, ledger in self.ledgers.items()}
+        seen: set[tuple[str, str]] = set()
+        first: dict[str, Task] = {}
         todo = []
         for task in tasks:
-            if task.id in seen:
+            key = (task.id, task.job)
+            if key in seen:   # the same image twice in one job (e.g. {a|a}): once is enough
                 continue
-            seen.add(task.id)
-            if not self.args.force and task.id in done[self.roots[task.job]]:
+            seen.add(key)
+            if not self.args.force and key in done[self.roots[task.job]]:
                 self.counts.skipped += 1
-                continue
-            todo.append(task)
+            elif task.id in first:
+                self._twins.setdefault(task.id, []).append(task)
+            else:
+                first[task.id] = task
+                todo.append(task)
         return todo
 
     def _render_all(self, todo: list[Task]) -> None:
         from render.progress import Progress
 
-        self.progress = Progress(len(todo), quiet=self.args.quiet)
+        twins = sum(len(t) for t in self._twins.values())
+        self.progress = Progress(len(todo) + twins, quiet=self.args.quiet)
         if self.counts.skipped:
             self.progress.skip(self.counts.skipped)
         if not todo:
@@ -162,8 +171,12 @@ class Runner:
                 self.progress.start(batch.first.job)
                 for result in self._render_batch(batch):
                     result = self._postprocess(result)
-                    if result is not None:
-                        pending.append(writer.submit(self._write, result))
+                    if result is None:
+                        continue
+                    pending.append(writer.submit(self._write, result))
+                    for twin in self._twins.get(result.task.id, ()):
+                        pending.append(writer.submit(self._write, dataclasses.replace(
+                            result, task=twin, provenance={}, timings=dict(result.timings))))
                 # Bound memory: at most about two batches of images wait for the disk.
                 while len(pending) > 2 * len(batch.tasks):
                     pending.pop(0).result()
@@ -177,14 +190,14 @@ class Runner:
             return self.engine.render(batch)
         except Exception as exc:  # isolate: the night goes on
             if len(batch.tasks) == 1:
-                self._fail(batch.first, exc)
+                self._fail_rendering(batch.first, exc)
                 return []
         results = []
         for task in batch.tasks:
             try:
                 results.extend(self.engine.render(Batch(batch.key, (task,))))
             except Exception as exc:
-                self._fail(task, exc)
+                self._fail_rendering(task, exc)
         return results
 
     def _postprocess(self, result: Result) -> Result | None:
@@ -195,8 +208,13 @@ class Runner:
                     result = changed
             return result
         except Exception as exc:
-            self._fail(result.task, exc)
+            self._fail_rendering(result.task, exc)
             return None
+
+    def _fail_rendering(self, task: Task, exc: BaseException) -> None:
+        """A task that could not be rendered fails with the twins waiting for its images."""
+        for failed in (task, *self._twins.get(task.id, ())):
+            self._fail(failed, exc)
 
     def _fail(self, task: Task, exc: BaseException) -> None:
         message = f"{type(exc).__name__}: {exc}".strip()

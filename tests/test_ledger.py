@@ -24,7 +24,7 @@ from render.ledger import (
     LockedError,
     RunLock,
     pid_alive,
-    read_done_ids,
+    read_done_keys,
 )
 from render.tasks import Task
 
@@ -70,7 +70,7 @@ def test_record_and_read(tmp_path: Path) -> None:
     with Ledger(tmp_path) as ledger:
         ledger.record_done(task, [image], {"render": 1.5}, "a cabin 1\nSteps: 4")
         ledger.record_failed(failed, "RuntimeError: CUDA out of memory")
-        assert ledger.done_ids() == {task.id}
+        assert ledger.done_keys() == {(task.id, task.job)}
         rows = {r.id: r for r in ledger.rows()}
         done, bad = rows[task.id], rows[failed.id]
         assert done.status == "done" and done.paths == (image,)
@@ -105,10 +105,10 @@ def test_a_new_task_taking_a_path_replaces_the_old_row(tmp_path: Path) -> None:
     with Ledger(tmp_path) as ledger:
         ledger.record_done(old, [path], {}, "old")
         ledger.record_done(new, [path], {}, "new")
-        assert ledger.done_ids() == {new.id}
+        assert ledger.done_keys() == {(new.id, new.job)}
         assert {r.id: r.status for r in ledger.rows()} == {old.id: "replaced", new.id: "done"}
         ledger.record_done(old, [tmp_path / "00000-b.png"], {}, "old again")
-        assert ledger.done_ids() == {old.id, new.id}
+        assert ledger.done_keys() == {(old.id, old.job), (new.id, new.job)}
 
 
 def test_done_ids_can_check_the_files(tmp_path: Path) -> None:
@@ -117,19 +117,19 @@ def test_done_ids_can_check_the_files(tmp_path: Path) -> None:
     path.write_bytes(b"x")
     with Ledger(tmp_path) as ledger:
         ledger.record_done(task, [path], {}, None)
-        assert ledger.done_ids(check_files=True) == {task.id}
+        assert ledger.done_keys(check_files=True) == {(task.id, task.job)}
         path.unlink()
-        assert ledger.done_ids(check_files=True) == set()
-        assert ledger.done_ids() == {task.id}
+        assert ledger.done_keys(check_files=True) == set()
+        assert ledger.done_keys() == {(task.id, task.job)}
 
 
-def test_read_done_ids_creates_nothing(tmp_path: Path) -> None:
-    assert read_done_ids(tmp_path / "none") == set()
+def test_read_done_keys_creates_nothing(tmp_path: Path) -> None:
+    assert read_done_keys(tmp_path / "none") == set()
     assert not (tmp_path / "none").exists()
     task = make_task()
     with Ledger(tmp_path) as ledger:
         ledger.record_done(task, [tmp_path / "x.png"], {}, None)
-        assert read_done_ids(tmp_path) == {task.id}    # while the writer is open (WAL)
+        assert read_done_keys(tmp_path) == {(task.id, task.job)}    # while the writer is open (WAL)
 
 
 def test_jobs_in_order_of_appearance_and_threads(tmp_path: Path) -> None:
@@ -144,7 +144,7 @@ def test_jobs_in_order_of_appearance_and_threads(tmp_path: Path) -> None:
             t.start()
         for t in threads:
             t.join()
-        assert len(ledger.done_ids()) == 60
+        assert len(ledger.done_keys()) == 60
         assert ledger.jobs()[0] == "zeta" and set(ledger.jobs()) == {"zeta", "a", "b", "c"}
 
 

@@ -40,7 +40,7 @@ def done_count(out: Path) -> int:
         return 0
     try:
         with Ledger(out) as ledger:
-            return len(ledger.done_ids())
+            return len(ledger.done_keys())
     except Exception:
         return 0
 
@@ -177,3 +177,24 @@ def test_show_prints_settings_and_rejects_foreign_images(tmp_path, kit):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert stderr.strip() == f"error: {plain}: no generation metadata found"
+
+
+def test_two_jobs_asking_for_the_same_pixels_each_get_their_file(tmp_path, kit):
+    job = write_job(tmp_path, kit, "jobs:\n  - {name: a, prompt: a barn, cfg: 7}\n"
+                    "  - {name: b, prompt: a barn, grid: {cfg: [7, 5]}}\n")
+    proc = cli(str(job), "--batch-size", "1")
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    (a,) = (tmp_path / "out" / "a").glob("*.png")
+    b = sorted((tmp_path / "out" / "b").glob("*.png"))
+    assert len(b) == 2
+    _, prov_a = metadata.read_metadata(a)
+    same = [p for p in b if metadata.read_metadata(p)[1]["task"]["id"] == prov_a["task"]["id"]]
+    assert len(same) == 1
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(same[0])))
+    assert metadata.read_metadata(same[0])[1]["task"]["job"] == "b"
+    with Ledger(tmp_path / "out") as ledger:
+        assert len(ledger.done_keys()) == 3
+    again = cli(str(job))
+    stdout, stderr = again.communicate(timeout=300)
+    assert "skipped 3 already done" in stdout + stderr
