@@ -60,6 +60,7 @@ from typing import Any
 from render import hookimpl
 from render.errors import FieldError
 from render.fields import FieldContext, describe
+from render.models import per_file_version
 from render.tasks import Batch, FileRef, Result, Task
 
 KEY = "embeddings"
@@ -179,15 +180,8 @@ def _count(shape: tuple[int, ...]) -> int:
     return int(shape[0]) if len(shape) == 2 else 1
 
 
-_INFO_CACHE: dict[tuple[str, int, int], EmbeddingInfo] = {}
-
-
-def _cached_info(path: Path) -> EmbeddingInfo:
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _INFO_CACHE:
-        _INFO_CACHE[key] = inspect_embedding(path)
-    return _INFO_CACHE[key]
+#: ``inspect_embedding`` once per file version: preflight asks for every task.
+_cached_info = per_file_version(inspect_embedding)
 
 
 @hookimpl

@@ -84,6 +84,7 @@ from typing import Any
 from render import hookimpl
 from render.errors import FieldError
 from render.fields import FieldContext, describe, expect_number
+from render.models import per_file_version
 from render.tasks import Batch, FileRef, Result, Task
 
 KEY = "lora"
@@ -387,16 +388,8 @@ def family_text(families: frozenset[str] | set[str]) -> str:
     return " or ".join(FAMILY_NAMES.get(f, f) for f in ordered)
 
 
-_INFO_CACHE: dict[tuple[str, int, int], LoraInfo] = {}
-
-
-def _cached_info(path: Path) -> LoraInfo:
-    """``inspect_lora`` once per file version: preflight asks for every task."""
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _INFO_CACHE:
-        _INFO_CACHE[key] = inspect_lora(path)
-    return _INFO_CACHE[key]
+#: ``inspect_lora`` once per file version: preflight asks for every task.
+_cached_info = per_file_version(inspect_lora)
 
 
 def check_tags(prompt: str) -> None:

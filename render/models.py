@@ -39,10 +39,10 @@ import sqlite3
 import struct
 import threading
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from render.errors import FieldError
 from render.tasks import FileRef
@@ -907,3 +907,23 @@ def hub_snapshot(repo_id: str) -> Path | None:
         if found:
             return found[-1]
     return None
+
+
+_Info = TypeVar("_Info")
+
+
+def per_file_version(inspect: Callable[[Path], _Info]) -> Callable[[Path], _Info]:
+    """Memoise ``inspect(path)`` per file version (path, size, mtime).
+
+    Preflight asks about the same file for every task; a file replaced on disk is read anew.
+    """
+    cache: dict[tuple[str, int, int], _Info] = {}
+
+    def cached(path: Path) -> _Info:
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in cache:
+            cache[key] = inspect(path)
+        return cache[key]
+
+    return cached
