@@ -838,18 +838,6 @@ class ModelResolver:
         """A VAE override (file, diffusers folder, or a pipeline folder's ``vae/``)."""
         return self.file_ref("vae", name, self.find("vae", name))
 
-    def task_files(self, task: Any) -> dict[str, FileRef]:
-        """The core's files of a task: ``model`` and, when one applies, ``vae``.
-
-        The VAE is the task's ``vae:`` or else the model alias's ``vae:``.
-        """
-        model = self.resolve_model(task.model)
-        files = {"model": model}
-        vae = task.vae or model.extra.get("vae")
-        if vae:
-            files["vae"] = self.resolve_vae(vae)
-        return files
-
 
 def _matches(entry: _Entry, name: str, has_ext: bool, fold: bool) -> bool:
     rel = entry.rel if has_ext or entry.is_dir else entry.stem_rel

@@ -35,11 +35,10 @@ class Preflight:
             try:
                 if kind == "checkpoint":
                     self._cache[key] = self.models.resolve_model(name)
-                elif kind == "image":
-                    self._cache[key] = self.models.file_ref("image", name, name)
+                elif kind == "vae":
+                    self._cache[key] = self.models.resolve_vae(name)
                 else:
-                    path = self.models.find(kind, name)
-                    self._cache[key] = self.models.file_ref(kind, name, path)
+                    self._cache[key] = self.models.file_ref(kind, name, name)
             except FieldError as exc:
                 self._cache[key] = exc
         found = self._cache[key]
@@ -58,11 +57,9 @@ class Preflight:
         """The task with ``files`` and ``id`` filled in, or None after recording an error."""
         files: dict[str, FileRef] = {}
         failed = False
-        checks: list[tuple[str, str, str | None]] = [("model", "checkpoint", task.model)]
-        alias = self.jf.models.get(task.model)
-        vae = task.vae or (alias.get("vae") if isinstance(alias, dict) else None)
-        checks += [("vae", "vae", vae), ("image", "image", task.image),
-                   ("mask", "image", task.mask)]
+        checks: list[tuple[str, str, str | None]] = [
+            ("model", "checkpoint", task.model), ("image", "image", task.image),
+            ("mask", "image", task.mask)]
         for label, kind, name in checks:
             if not name:
                 continue
@@ -73,6 +70,14 @@ class Preflight:
                 failed = True
         if failed:
             return None
+        # The task's vae, else the model alias's (the resolver keeps it in the model's extra).
+        vae = task.vae or files["model"].extra.get("vae")
+        if vae:
+            try:
+                files["vae"] = self._ref("vae", vae)
+            except FieldError as exc:
+                self._fail(plan, "vae" if task.vae else "model", exc)
+                return None
         # ``files`` is the task's own dict: plugins see the core's files, and what they add
         # joins it before the id is computed.
         task = dataclasses.replace(task, files=files)

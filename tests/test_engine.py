@@ -60,7 +60,10 @@ def make(resolver: ModelResolver, *, model: str = "tiny-sd15", seed: int = 1, **
     )
     values.update(kw)
     task = Task(**values)
-    return dataclasses.replace(task, files=resolver.task_files(task))
+    files = {"model": resolver.resolve_model(task.model)}
+    if task.vae:
+        files["vae"] = resolver.resolve_vae(task.vae)
+    return dataclasses.replace(task, files=files)
 
 
 def render(engine: Any, *tasks: Task) -> list[Result]:

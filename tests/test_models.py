@@ -177,15 +177,22 @@ def test_aliases(a1111: Path, tmp_path: Path) -> None:
         ModelResolver([a1111], {"bad": {"sauce": "x"}}, tmp_path).find("checkpoint", "bad")
 
 
-def test_task_files_uses_alias_vae(a1111: Path, tmp_path: Path) -> None:
-    from render.tasks import Task
+def test_preflight_uses_the_alias_vae(a1111: Path, tmp_path: Path) -> None:
+    from render.expand import iter_tasks, load_job_file
+    from render.plan import Preflight
+    from render.plugins import load_plugins
 
-    r = ModelResolver([a1111], {"xl": {"source": "majic_v7", "vae": "vae-ft-mse"}}, tmp_path)
-    task = Task(job="j", index=0, prompt="p", negative="", seed=1, model="xl", width=64,
-                height=64, steps=2, cfg=7, sampler="Euler")
-    files = r.task_files(task)
-    assert files["model"].family == "sd1"
-    assert Path(files["vae"].path).name == "vae-ft-mse.safetensors"
+    job = tmp_path / "job.yaml"
+    job.write_text(f"version: 1\nmodel_dirs: [{a1111}]\n"
+                   "models: {xl: {source: majic_v7, vae: vae-ft-mse}}\n"
+                   "jobs:\n  - {name: j, model: xl, prompt: p}\n")
+    jf = load_job_file(job, load_plugins(builtins=False))
+    (plan,) = jf.jobs
+    (task,) = iter_tasks(plan)
+    resolved = Preflight(jf).resolve(task, plan)
+    assert resolved is not None
+    assert resolved.files["model"].family == "sd1"
+    assert Path(resolved.files["vae"].path).name == "vae-ft-mse.safetensors"
 
 
 def test_not_found_lists_folders(a1111: Path, comfy: Path, tmp_path: Path) -> None:
