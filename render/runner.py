@@ -9,6 +9,7 @@ file under a final name. SIGINT/SIGTERM finish the batch in flight, write it, an
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import signal
 import sys
@@ -281,13 +282,19 @@ class Runner:
             extra=extra,
             version=f"render {__version__}",
         )
-        described = self.engine.describe() if self.engine else {}
-        versions = {"render": __version__, **described.get("versions", {}),
-                    **{name: "" for name, _, _ in self.plugins.describe()}}
-        prov = metadata.provenance(task, versions=versions, device=described.get("device", ""),
+        versions, device = self._environment()
+        prov = metadata.provenance(task, versions=versions, device=device,
                                    timings=result.timings, infotext=text)
         prov["notes"] = list(result.notes)
         return text, prov
+
+    @functools.cache  # noqa: B019 - one Runner per invocation; the engine never changes
+    def _environment(self) -> tuple[dict[str, str], str]:
+        """Versions (torch, diffusers, each plugin's source) and the device, once per run."""
+        described = self.engine.describe() if self.engine else {}
+        versions = {"render": __version__, **described.get("versions", {}),
+                    **{f"plugin:{name}": source for name, source in self.plugins.sources.items()}}
+        return versions, described.get("device", "")
 
     # -- report ----------------------------------------------------------------------------
     def _report(self) -> RunReport:
