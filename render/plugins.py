@@ -1,9 +1,10 @@
 """Find, load and register plugins: built-ins, installed entry points, ``--plugins-dir``.
 
-Built-in features in the repository's ``plugins/`` folder are loaded by exactly the same
-code path as a user's ``--plugins-dir`` (as datasette does with its default plugins). A plugin
-file that fails to import is recorded with its error instead of stopping the run: only the
-job keys it would have claimed fail validation.
+Built-in features live in the repository's ``plugins/`` folder, which the package ships as
+``render.builtin_plugins`` so that an installed wheel has them whatever the working
+directory; they register through the same helper as a user's plugin (as datasette does with
+its default plugins). A plugin that fails to import is recorded with its error instead of
+stopping the run: only the job keys it would have claimed fail validation.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+import pkgutil
 import sys
 import traceback
 from collections.abc import Callable, Iterable
@@ -22,7 +24,8 @@ import pluggy
 
 from render import hookspecs
 
-BUILTIN_PLUGINS_DIR = Path(__file__).resolve().parent.parent / "plugins"
+#: The repository's ``plugins/`` folder, as the package ships it (pyproject.toml maps it).
+BUILTIN_PACKAGE = "render.builtin_plugins"
 ENTRY_POINT_GROUP = "render"
 
 #: Core hook implementations (module, attribute), registered before any plugin.
@@ -115,6 +118,35 @@ def _error_line(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()[-1]
 
 
+def _register(plugins: Plugins, name: str, source: str, load: Callable[[], Any]) -> None:
+    """Import one plugin with ``load`` and register it; a failure is recorded, not raised."""
+    try:
+        plugins.pm.register(load(), name=name)
+    except Exception as exc:  # a broken plugin must not stop the other jobs
+        plugins.failures.append(PluginFailure(name, source, _error_line(exc)))
+        return
+    plugins.sources[name] = source
+
+
+def load_builtins(plugins: Plugins) -> None:
+    """Register every module and sub-package of :data:`BUILTIN_PACKAGE` (``_*`` skipped)."""
+    try:
+        package = importlib.import_module(BUILTIN_PACKAGE)
+    except ImportError as exc:  # a checkout used without `pip install -e .`
+        plugins.failures.append(PluginFailure(
+            "builtin_plugins", BUILTIN_PACKAGE,
+            f"{_error_line(exc)} (install the project: pip install -e .)"))
+        return
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module_name = f"{BUILTIN_PACKAGE}.{info.name}"
+        spec = importlib.util.find_spec(module_name)
+        source = (spec.origin if spec and spec.origin else None) or module_name
+        _register(plugins, info.name, source,
+                  lambda m=module_name: importlib.import_module(m))
+
+
 def load_dir(plugins: Plugins, directory: Path) -> None:
     """Register every ``*.py`` file of ``directory`` (files starting with ``_`` are skipped)."""
     for path in sorted(directory.glob("*.py")):
@@ -123,13 +155,7 @@ def load_dir(plugins: Plugins, directory: Path) -> None:
         name = path.stem
         if plugins.pm.has_plugin(name):
             name = f"{path.parent.name}/{path.stem}"
-        try:
-            module = _import_file(path)
-            plugins.pm.register(module, name=name)
-        except Exception as exc:  # a broken plugin must not stop the other jobs
-            plugins.failures.append(PluginFailure(name, str(path), _error_line(exc)))
-            continue
-        plugins.sources[name] = str(path)
+        _register(plugins, name, str(path), lambda p=path: _import_file(p))
 
 
 def load_entry_points(plugins: Plugins) -> None:
@@ -139,14 +165,9 @@ def load_entry_points(plugins: Plugins) -> None:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if plugins.pm.has_plugin(ep.name):
             continue
-        try:
-            plugins.pm.register(ep.load(), name=ep.name)
-        except Exception as exc:
-            plugins.failures.append(PluginFailure(ep.name, f"entry point {ep.value}",
-                                                  _error_line(exc)))
-            continue
         dist = getattr(ep, "dist", None)
-        plugins.sources[ep.name] = f"{dist.name} {dist.version}" if dist else ep.value
+        source = f"{dist.name} {dist.version}" if dist else f"entry point {ep.value}"
+        _register(plugins, ep.name, source, ep.load)
 
 
 def load_plugins(plugins_dirs: Iterable[str | Path] = (), *, builtins: bool = True) -> Plugins:
@@ -159,7 +180,7 @@ def load_plugins(plugins_dirs: Iterable[str | Path] = (), *, builtins: bool = Tr
         pm.register(impl, name=attribute)
         plugins.sources[attribute] = f"{module_name} (core)"
     if builtins:
-        load_dir(plugins, BUILTIN_PLUGINS_DIR)
+        load_builtins(plugins)
     load_entry_points(plugins)
     for directory in plugins_dirs:
         load_dir(plugins, Path(directory))

@@ -10,7 +10,7 @@ import pytest
 
 from render.errors import JobErrors
 from render.expand import load_job_file
-from render.plugins import BUILTIN_PLUGINS_DIR, hook_names, load_plugins
+from render.plugins import hook_names, load_plugins
 from render.run import list_plugins
 
 
@@ -21,10 +21,12 @@ def write(folder: Path, name: str, text: str) -> Path:
     return path
 
 
-def test_builtins_are_plain_plugin_files_loaded_like_user_plugins():
+def test_builtins_are_the_repository_plugin_files_loaded_like_user_plugins():
+    """In a checkout (editable install) they load from the top-level plugins/ folder."""
     plugins = load_plugins()
+    folder = Path(__file__).resolve().parent.parent / "plugins"
     for name in ("lora", "embeddings", "controlnet", "depth"):
-        assert plugins.sources[name] == str(BUILTIN_PLUGINS_DIR / f"{name}.py")
+        assert plugins.sources[name] == str(folder / f"{name}.py")
     keys = {key for (_, key) in plugins.fields()}
     assert {"lora", "embeddings", "controlnet", "depth", "save_control"} <= keys
     assert not plugins.failures
@@ -116,3 +118,20 @@ def test_every_hook_is_documented_in_the_readme():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for name in hook_names():
         assert f"`{name}(" in readme, name
+
+
+def test_a_file_dropped_into_the_builtin_folder_loads_with_the_builtins(tmp_path, monkeypatch):
+    """plugins/ in a checkout is where users drop plugins; the package's path is that folder."""
+    import render.builtin_plugins as builtin
+
+    dropped = write(tmp_path / "extra", "grain.py", """
+        from render import hookimpl
+
+        @hookimpl
+        def register_task_fields(register):
+            register("grain", lambda v, ctx: v)
+    """)
+    monkeypatch.setattr(builtin, "__path__", [*builtin.__path__, str(dropped.parent)])
+    plugins = load_plugins()
+    assert plugins.sources["grain"] == str(dropped)
+    assert ("task", "grain") in plugins.fields()

@@ -23,6 +23,50 @@ def test_readme_begins_with_the_two_setup_commands():
     demo, tests = readme_commands()
     assert "render.py jobs/demo.yaml" in demo and "render.testing models" in demo
     assert "pytest" in tests
+    # both install the pinned, hashed lock, then the project without re-resolving anything
+    assert "pip install -q -r requirements.txt " in demo
+    assert "pip install -q -r requirements-dev.txt " in tests
+    for command in (demo, tests):
+        assert "install -q --no-deps --no-build-isolation -e ." in command
+
+
+def locked(name: str) -> dict[str, tuple[str, str]]:
+    """``{package: (version, marker)}`` of a lock file (uv's requirements format)."""
+    pins = {}
+    for line in (ROOT / name).read_text().splitlines():
+        match = re.match(r"^([A-Za-z0-9._-]+)==([^ ;\\]+)(?: ; ([^\\]+))?", line)
+        if match:
+            pins.setdefault(match[1].lower(), []).append((match[2], (match[3] or "").strip()))
+    return pins
+
+
+def test_the_lock_pins_every_dependency_within_pyproject_ranges():
+    """Fails when pyproject.toml changes without `bash .ci/lock`."""
+    import tomllib
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    runtime, dev = locked("requirements.txt"), locked("requirements-dev.txt")
+    wanted = [(project["project"]["dependencies"], (runtime, dev)),
+              (project["project"]["optional-dependencies"]["dev"], (dev,)),
+              (project["build-system"]["requires"], (runtime, dev))]
+    for requirements, locks in wanted:
+        for text in requirements:
+            req = Requirement(text)
+            for lock in locks:
+                pins = lock.get(canonicalize_name(req.name))
+                assert pins, f"{req.name} is not in the lock"
+                for version, _marker in pins:
+                    assert req.specifier.contains(version, prereleases=True), (req, version)
+    # the dev lock is the runtime lock plus the test tools, never other versions
+    for name, pins in runtime.items():
+        assert dev[name] == pins, name
+    for name in ("requirements.txt", "requirements-dev.txt"):
+        entries = re.split(r"\n(?=[A-Za-z0-9])", (ROOT / name).read_text())
+        pinned = [e for e in entries if "==" in e.split("\n", 1)[0]]
+        assert len(pinned) == sum(len(v) for v in locked(name).values())
+        assert all("--hash=sha256:" in e for e in pinned), name
 
 
 def test_ci_runs_exactly_the_readme_test_command():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,19 +36,29 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import _is_complete, kit_paths
 
-    # The demo jobs read reference images from DIR/refs (house, gradient, mask, checker).
-    refs = write_reference_images(args.dir / "refs")
     if _is_complete(args.dir) and not args.force:
+        refs = write_reference_images(args.dir / "refs")
         for name, path in {**kit_paths(args.dir), **refs}.items():
             print(f"{name}\t{path}")
         print("already built (use --force to rebuild)", file=sys.stderr)
         return 0
 
-    import torch
-
-    torch.set_num_threads(max(1, args.threads))
+    created = not args.dir.exists()
     start = time.perf_counter()
-    paths = build_models(args.dir, force=args.force)
+    try:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
+        paths = build_models(args.dir, force=args.force)
+        # The demo jobs read reference images from DIR/refs (house, gradient, mask, checker).
+        refs = write_reference_images(args.dir / "refs")
+    except Exception as exc:  # one line for the user; the folder is gone if we made it
+        if created:
+            shutil.rmtree(args.dir, ignore_errors=True)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"error: building the tiny model kit in {args.dir} failed: "
+              f"{type(exc).__name__}: {first}", file=sys.stderr)
+        return 1
     for name, path in {**paths, **refs}.items():
         print(f"{name}\t{path}")
     print(f"done in {time.perf_counter() - start:.1f} s", file=sys.stderr)

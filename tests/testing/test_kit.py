@@ -421,3 +421,38 @@ def test_cli_models_prints_one_line_per_entry(models: Path) -> None:
     lines = out.stdout.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == [*tk.PATHS, *tk.REFERENCE_IMAGES]
     assert all(Path(line.split("\t")[1]).exists() for line in lines)
+
+
+def _failing_build(tmp: Path) -> None:
+    """Stands in for a library that breaks mid-build (as transformers 5.24 did with peft)."""
+    (tmp / "checkpoints").mkdir(parents=True)
+    (tmp / "checkpoints" / "half.safetensors").write_bytes(b"\0" * 10)
+    raise ValueError("The version of PEFT you are using is not compatible\nsecond line")
+
+
+def test_a_failed_build_says_one_line_and_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    from render.testing import __main__ as cli
+    from render.testing import kit
+
+    monkeypatch.setattr(kit, "build_into", _failing_build)
+    target = tmp_path / "demo-models"
+    assert cli.main(["models", str(target)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: building the tiny model kit in {target} failed: ValueError: "
+                   "The version of PEFT you are using is not compatible"]
+    assert not target.exists()
+
+
+def test_a_failed_build_in_an_existing_folder_keeps_its_files_and_adds_no_entry(
+        tmp_path, monkeypatch, capsys):
+    from render.testing import __main__ as cli
+    from render.testing import kit
+
+    monkeypatch.setattr(kit, "build_into", _failing_build)
+    target = tmp_path / "models"
+    (target / "mine").mkdir(parents=True)
+    (target / "mine" / "notes.txt").write_text("keep me")
+    assert cli.main(["models", str(target)]) == 1
+    left = sorted(p.relative_to(target).as_posix() for p in target.rglob("*"))
+    assert left == [".tiny-kit.lock", "mine", "mine/notes.txt"]
+    assert not tk._is_complete(target)
