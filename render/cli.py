@@ -11,9 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from render import __version__
-from render.errors import JobErrors, UserError
-
-EXIT_OK, EXIT_FAILED_TASKS, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_LOCKED = 0, 1, 2, 130, 3
+from render.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, JobErrors, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: Exit codes: all rendered; some tasks failed; invalid input (nothing written); the output
+#: root is locked by another run; stopped by a signal.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
 
 @dataclass(frozen=True)
 class Location:
@@ -64,3 +68,17 @@ class FieldError(ValueError):
         self.subkey = subkey
         self.key = key
         super().__init__(message)
+
+
+class PluginError(Exception):
+    """A plugin raised where a value was expected: our user's bug report names the plugin.
+
+    Not a ``UserError``: the job file may be fine. The task (or job) that needed the plugin
+    fails with this one line; everything else still renders.
+    """
+
+    def __init__(self, plugin: str, hook: str, error: str) -> None:
+        self.plugin = plugin
+        self.hook = hook
+        self.error = error
+        super().__init__(f"plugin {plugin!r} failed in {hook}: {error}")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from render import jobfile, wildcards
-from render.errors import FieldError, JobError, JobErrors, Location
+from render.errors import FieldError, JobError, JobErrors, Location, PluginError
 from render.fields import (
     AXIS_ONLY_KEYS,
     CORE_FIELDS,
@@ -115,6 +115,8 @@ class JobFile:
     plugins: Plugins
     library: wildcards.Library
     fields: dict[tuple[str, str], FieldSpec]
+    #: Jobs a failed plugin keeps from rendering: name -> why (the rest of the file renders).
+    broken: dict[str, list[JobError]] = field(default_factory=dict)
     _cache: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -147,9 +149,15 @@ class _Collector:
     def __init__(self) -> None:
         self.errors: list[JobError] = []
         self._seen: set[str] = set()
+        #: The job being read cannot render because a plugin failed (not a user mistake).
+        self.broken: list[JobError] = []
 
-    def add(self, where: Location | None, key: str, message: str) -> None:
+    def add(self, where: Location | None, key: str, message: str, *,
+            plugin: bool = False) -> None:
         error = JobError(where, key, message)
+        if plugin:
+            self.broken.append(error)
+            return
         if str(error) not in self._seen:   # a bad default is reported once, not per job
             self._seen.add(str(error))
             self.errors.append(error)
@@ -202,6 +210,7 @@ def load_job_file(path: str | Path, plugins: Plugins) -> JobFile:
     else:
         seen: dict[str, Location] = {}
         for i, entry in enumerate(jobs):
+            errors.broken = []
             plan = _job(jf, i, entry, jobfile.where(jobs, i), defaults, output_defaults,
                         seen, errors)
             if plan is not None:
@@ -318,6 +327,10 @@ def _job(jf: JobFile, i: int, entry: Any, entry_where: Location | None, defaults
             sub_where, sub_path = _sub_location(value, exc.subkey, where or locations.get(key))
             err(key, exc.message, sub_where, (path or key_paths.get(key, key)) + sub_path)
             return False
+        except PluginError as exc:
+            errors.add(where or locations.get(key, entry.where),
+                       path or key_paths.get(key, key), str(exc), plugin=True)
+            return False
 
     for key in list(raw):
         if key in EXPANSION_KEYS or key in CORE_FIELDS:
@@ -329,8 +342,9 @@ def _job(jf: JobFile, i: int, entry: Any, entry_where: Location | None, defaults
             continue
         failure = jf.plugins.failure_for(key)
         if failure:
-            err(key, f"needs plugin {failure.name!r} ({failure.source}), which failed to "
-                f"load: {failure.error}", key_locations.get(key))
+            errors.add(key_locations.get(key, entry.where), key_paths.get(key, key),
+                       f"needs plugin {failure.name!r} ({failure.source}), which failed to "
+                       f"load: {failure.error}", plugin=True)
         else:
             err(key, "unknown key" + _did_you_mean(key, known), key_locations.get(key))
         raw.pop(key)
@@ -384,7 +398,9 @@ def _job(jf: JobFile, i: int, entry: Any, entry_where: Location | None, defaults
                 err("grid", f"prompt_sr: the first value {first!r} must appear in the prompt",
                     axis.where[0] if axis.where else None, f"{prefix}.grid.prompt_sr")
 
-    if len(errors.errors) > before:
+    if errors.broken:
+        jf.broken[str(name)] = errors.broken
+    if len(errors.errors) > before or errors.broken:
         return None
     job = Job(name=str(name), file=jf.path, base_dir=jf.base_dir, where=entry.where,
               output=output, grid_axes=tuple(a.key for a in grid),
@@ -476,6 +492,8 @@ def _output(jf: JobFile, entry: MarkedMap, defaults: MarkedMap, prefix: str,
                     str(key), list(OUTPUT_KEYS) + sorted(plugin_keys)))
         except FieldError as exc:
             errors.add(loc, path, exc.message)
+        except PluginError as exc:
+            errors.add(loc, path, str(exc), plugin=True)
     spec = dataclasses.replace(spec, **values, options=options)
     try:
         output_module.check_output_spec(spec, _name_fields(entry))
@@ -517,10 +535,12 @@ def _axes(jf: JobFile, raw: dict[str, Any], entry: MarkedMap, section: str, pref
         top = key.split(".", 1)[0]
         if top not in task_keys and key not in AXIS_ONLY_KEYS and key != "seed":
             failure = jf.plugins.failure_for(top)
-            hint = (f"needs plugin {failure.name!r}, which failed to load: {failure.error}"
-                    if failure else "unknown key" + _did_you_mean(
-                        top, sorted(task_keys | set(AXIS_ONLY_KEYS) | {"seed"})))
-            errors.add(where, path, f"{hint}")
+            if failure:
+                errors.add(where, path, f"needs plugin {failure.name!r}, which failed to "
+                           f"load: {failure.error}", plugin=True)
+            else:
+                errors.add(where, path, "unknown key" + _did_you_mean(
+                    top, sorted(task_keys | set(AXIS_ONLY_KEYS) | {"seed"})))
             continue
         if not isinstance(values, MarkedList) or not values:
             errors.add(where, path, f"expected a non-empty list of values, got "
@@ -748,12 +768,12 @@ def _sampler_and_schedule(sampler: tuple[str, str | None], schedule: str | None)
 
 
 def plugin_expand(task: Task, plugins: Plugins) -> list[Task]:
-    """Run each plugin's ``expand_task`` in turn; a returned list replaces the task."""
+    """Run each plugin's ``expand_task`` in call order; a returned list replaces the task."""
     tasks = [task]
-    for impl in plugins.pm.hook.expand_task.get_hookimpls():
+    for _name, expand_task in plugins.ordered("expand_task"):
         next_tasks: list[Task] = []
         for current in tasks:
-            replaced = impl.function(task=current)
+            replaced = expand_task(task=current)
             next_tasks.extend(replaced if replaced is not None else [current])
         tasks = next_tasks
     return tasks

@@ -9,10 +9,10 @@ once (the most expensive switch outermost, as A1111's X/Y/Z plot does).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from render.errors import FieldError, JobError, JobErrors
+from render.errors import FieldError, JobError, PluginError
 from render.expand import JobFile, JobPlan
 from render.tasks import Batch, FileRef, Task
 
@@ -26,6 +26,8 @@ class Preflight:
         self.jf = jf
         self.models = ModelResolver(jf.model_dirs, jf.models, jf.base_dir)
         self.errors: list[JobError] = []
+        #: Tasks a plugin failed on (not user mistakes): job name -> one error per message.
+        self.broken: dict[str, list[JobError]] = {}
         self._seen_errors: set[str] = set()
         self._cache: dict[tuple[str, str], FileRef | FieldError] = {}
 
@@ -81,17 +83,26 @@ class Preflight:
         # ``files`` is the task's own dict: plugins see the core's files, and what they add
         # joins it before the id is computed.
         task = dataclasses.replace(task, files=files)
-        hook = self.jf.plugins.pm.hook
-        for impl in hook.task_files.get_hookimpls():
+        for plugin_name, task_files in self.jf.plugins.ordered("task_files"):
             try:
-                extra = impl.function(task=task, models=self.models)
+                extra = task_files(task=task, models=self.models)
             except FieldError as exc:
-                key = exc.key or _plugin_key(task, self.jf.plugins.pm.get_name(impl.plugin))
-                self._fail(plan, key, exc)
+                self._fail(plan, exc.key or _plugin_key(task, plugin_name), exc)
+                return None
+            except PluginError as exc:
+                self.plugin_failed(plan, exc, _plugin_key(task, plugin_name))
                 return None
             if extra:
                 files.update(extra)
         return dataclasses.replace(task, id=task.compute_id())
+
+    def plugin_failed(self, plan: JobPlan, exc: PluginError, key: str = "model") -> None:
+        """Record that a plugin failed on a task of ``plan`` (at ``key``): it is left out."""
+        mine = self.broken.setdefault(plan.job.name, [])
+        where, path = plan.locate(key)
+        error = JobError(where, path, str(exc))
+        if all(str(e) != str(error) for e in mine):
+            mine.append(error)
 
 
 def _plugin_key(task: Task, plugin_name: str | None) -> str:
@@ -103,18 +114,6 @@ def _plugin_key(task: Task, plugin_name: str | None) -> str:
     if plugin_name and plugin_name in task.sections:
         return plugin_name
     return "model"
-
-
-def preflight(tasks: Iterable[tuple[Task, JobPlan]], checker: Preflight) -> list[Task]:
-    """Resolve every task; raise ``JobErrors`` with every distinct problem found."""
-    resolved = []
-    for task, plan in tasks:
-        done = checker.resolve(task, plan)
-        if done is not None:
-            resolved.append(done)
-    if checker.errors:
-        raise JobErrors(checker.errors)
-    return resolved
 
 
 def group_key(task: Task, plugin_keys: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -141,17 +140,25 @@ def _freeze(value: Any) -> Any:
     return value
 
 
-def make_batches(tasks: Iterable[Task], hook: Any, batch_size: int) -> list[Batch]:
+def make_batches(tasks: Iterable[Task], hook: Any, batch_size: int,
+                 failed: Callable[[Task, PluginError], None] | None = None) -> list[Batch]:
     """Group tasks, order groups model-outermost, split each group into batches.
 
     Within a model, groups keep the order of their first task so a run renders in roughly
     the order the job file reads. ``batch_size`` < 1 means one batch per group (the caller
-    splits further when the engine picks a size from free memory).
+    splits further when the engine picks a size from free memory). A task whose plugin
+    ``group_key`` raises goes to ``failed`` and into no batch.
     """
     groups: dict[tuple[Any, ...], list[Task]] = {}
     first_seen: dict[Any, int] = {}
     for position, task in enumerate(tasks):
-        key = group_key(task, _plugin_group_keys(task, hook))
+        try:
+            key = group_key(task, _plugin_group_keys(task, hook))
+        except PluginError as exc:
+            if failed is None:
+                raise
+            failed(task, exc)
+            continue
         groups.setdefault(key, []).append(task)
         first_seen.setdefault(key[0], position)
     ordered = sorted(groups.items(), key=lambda item: first_seen[item[0][0]])

@@ -10,6 +10,7 @@ stopping the run: only the job keys it would have claimed fail validation.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import importlib.util
 import pkgutil
@@ -23,6 +24,7 @@ from typing import Any
 import pluggy
 
 from render import hookspecs
+from render.errors import FieldError, PluginError, UserError
 
 #: The repository's ``plugins/`` folder, as the package ships it (pyproject.toml maps it).
 BUILTIN_PACKAGE = "render.builtin_plugins"
@@ -30,6 +32,7 @@ ENTRY_POINT_GROUP = "render"
 
 #: Core hook implementations (module, attribute), registered before any plugin.
 CORE_HOOKS = (("render.output", "core_writers"),)
+CORE_NAMES = frozenset(attribute for _, attribute in CORE_HOOKS)
 
 
 @dataclass(frozen=True)
@@ -59,27 +62,32 @@ class Plugins:
     pm: pluggy.PluginManager
     failures: list[PluginFailure] = field(default_factory=list)
     sources: dict[str, str] = field(default_factory=dict)   # plugin name -> file or dist
+    _fields: dict[tuple[str, str], FieldSpec] | None = None
 
     @property
     def hook(self) -> Any:
         return self.pm.hook
 
     def fields(self) -> dict[tuple[str, str], FieldSpec]:
-        """Every claimed key as ``{(where, key): FieldSpec}``; two claims of a key is our bug."""
-        claimed: dict[tuple[str, str], FieldSpec] = {}
-        for impl in self.pm.hook.register_task_fields.get_hookimpls():
-            plugin_name = self.pm.get_name(impl.plugin) or "?"
+        """Every claimed key as ``{(where, key): FieldSpec}`` (collected once, at load)."""
+        if self._fields is None:
+            self._fields = _collect_fields(self)
+        return self._fields
 
-            def register(key: str, validator: Callable[[Any, Any], Any], *,
-                         where: str = "task", doc: str = "", _name: str = plugin_name) -> None:
-                spec = FieldSpec(key, validator, _name, where, doc)
-                if (where, key) in claimed:
-                    other = claimed[(where, key)].plugin
-                    raise RuntimeError(f"plugins {other} and {_name} both claim key {key!r}")
-                claimed[(where, key)] = spec
+    def ordered(self, hook_name: str) -> list[tuple[str, Callable[..., Any]]]:
+        """``(plugin name, function)`` of a hook in pluggy's call order: ``tryfirst`` first,
+        then the last registered first, ``trylast`` last (wrappers are not listed)."""
+        caller = getattr(self.pm.hook, hook_name)
+        return [(impl.plugin_name, impl.function) for impl in reversed(caller.get_hookimpls())
+                if not (impl.hookwrapper or impl.wrapper)]
 
-            impl.function(register=register)
-        return claimed
+    def chain(self, hook_name: str, value_name: str, value: Any, **kwargs: Any) -> Any:
+        """Pass ``value`` through every implementation in call order; None keeps it."""
+        for _name, function in self.ordered(hook_name):
+            changed = function(**{value_name: value}, **kwargs)
+            if changed is not None:
+                value = changed
+        return value
 
     def failure_for(self, key: str) -> PluginFailure | None:
         """The failed plugin that probably owned ``key`` (same name as the key)."""
@@ -122,7 +130,7 @@ def _register(plugins: Plugins, name: str, source: str, load: Callable[[], Any])
     """Import one plugin with ``load`` and register it; a failure is recorded, not raised."""
     try:
         plugins.pm.register(load(), name=name)
-    except Exception as exc:  # a broken plugin must not stop the other jobs
+    except (Exception, SystemExit) as exc:  # a broken plugin must not stop the other jobs
         plugins.failures.append(PluginFailure(name, source, _error_line(exc)))
         return
     plugins.sources[name] = source
@@ -183,9 +191,71 @@ def load_plugins(plugins_dirs: Iterable[str | Path] = (), *, builtins: bool = Tr
         load_builtins(plugins)
     load_entry_points(plugins)
     for directory in plugins_dirs:
+        if not Path(directory).is_dir():
+            raise UserError(f"--plugins-dir {directory}: no such folder")
         load_dir(plugins, Path(directory))
     _reject_unknown_hooks(plugins)
+    for plugin in plugins.pm.get_plugins():
+        if plugins.pm.get_name(plugin) not in CORE_NAMES:
+            _name_failures(plugins.pm, plugin)
+    plugins.fields()
     return plugins
+
+
+def _name_failures(pm: pluggy.PluginManager, plugin: Any) -> None:
+    """Make every hook function of ``plugin`` raise :class:`PluginError` naming it.
+
+    pluggy lets an implementation's exception through as it is, so a traceback from deep in
+    a feature would not say which plugin or hook failed; each call site would have to guess.
+    ``FieldError`` and ``UserError`` pass unchanged: they are a plugin's answer, not its bug.
+    """
+    name = pm.get_name(plugin) or "?"
+    for caller in pm.get_hookcallers(plugin) or []:
+        for impl in caller.get_hookimpls():
+            if impl.plugin is plugin and not (impl.hookwrapper or impl.wrapper):
+                impl.function = _naming(impl.function, name, caller.name)
+
+
+def _naming(function: Callable[..., Any], plugin: str, hook: str) -> Callable[..., Any]:
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except (FieldError, UserError, PluginError):
+            raise
+        except (Exception, SystemExit) as exc:
+            raise PluginError(plugin, hook, _error_line(exc)) from exc
+    return call
+
+
+def _collect_fields(plugins: Plugins) -> dict[tuple[str, str], FieldSpec]:
+    """Ask every plugin for its keys. A plugin whose ``register_task_fields`` raises, or that
+    claims a key another plugin holds, is unloaded with that reason; the rest keep theirs."""
+    claimed: dict[tuple[str, str], FieldSpec] = {}
+    for plugin_name, function in plugins.ordered("register_task_fields")[::-1]:
+        mine: dict[tuple[str, str], FieldSpec] = {}
+
+        def register(key: str, validator: Callable[[Any, Any], Any], *,
+                     where: str = "task", doc: str = "", _mine: dict = mine,
+                     _name: str = plugin_name) -> None:
+            if (where, key) in claimed:
+                raise PluginError(_name, "register_task_fields",
+                                  f"key {key!r} is already claimed by plugin "
+                                  f"{claimed[(where, key)].plugin!r}")
+            checked = _naming(validator, _name, f"the validator of {key!r}")
+            _mine[(where, key)] = FieldSpec(key, checked, _name, where, doc)
+
+        try:
+            function(register=register)
+        except PluginError as exc:
+            plugin = plugins.pm.get_plugin(plugin_name)
+            if plugin is not None:
+                plugins.pm.unregister(plugin)
+            source = plugins.sources.pop(plugin_name, "?")
+            plugins.failures.append(PluginFailure(plugin_name, source, str(exc)))
+            continue
+        claimed.update(mine)
+    return claimed
 
 
 def hook_names() -> list[str]:

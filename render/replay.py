@@ -61,8 +61,7 @@ def replay_image(args: Any) -> int:
     plugins = load_plugins(args.plugins_dir)
     engine = Engine(plugins.pm, device=args.device, dtype=args.dtype)
     (result,) = engine.render(Batch(("replay",), (task,)))
-    for impl in plugins.pm.hook.postprocess.get_hookimpls():
-        result = impl.function(result=result, task=task) or result
+    result = plugins.chain("postprocess", "result", result, task=task)
     out_dir = Path(args.out) if args.out else Path(image).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{Path(image).stem}-replay.png"

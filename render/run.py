@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from render import expand
-from render.errors import JobError, JobErrors, UserError
+from render.errors import EXIT_FAILED, EXIT_OK, JobError, JobErrors, PluginError, UserError
 from render.expand import JobFile, JobPlan
-from render.plan import Preflight, preflight
+from render.plan import Preflight
 from render.plugins import Plugins, load_plugins
 from render.tasks import Task
 
@@ -43,12 +43,32 @@ def load_all(paths: list[str], plugins: Plugins) -> list[JobFile]:
 
 
 def selected_plans(files: list[JobFile], only: list[str]) -> list[JobPlan]:
-    plans = [plan for jf in files for plan in jf.jobs
-             if not only or any(fnmatch.fnmatchcase(plan.job.name, p) for p in only)]
-    if only and not plans:
+    def wanted(name: str) -> bool:
+        return not only or any(fnmatch.fnmatchcase(name, p) for p in only)
+
+    plans = [plan for jf in files for plan in jf.jobs if wanted(plan.job.name)]
+    if only and not plans and not any(wanted(n) for jf in files for n in jf.broken):
         names = ", ".join(plan.job.name for jf in files for plan in jf.jobs)
         raise UserError(f"--only {' '.join(only)} matches no job (jobs: {names})")
     return plans
+
+
+def broken_at_load(files: list[JobFile], only: list[str]) -> dict[str, list[JobError]]:
+    """Selected jobs a failed plugin keeps from rendering (their files loaded fine)."""
+    return {name: errors for jf in files for name, errors in jf.broken.items()
+            if not only or any(fnmatch.fnmatchcase(name, p) for p in only)}
+
+
+def report_broken(broken: dict[str, list[JobError]]) -> None:
+    """One line per distinct plugin failure; these jobs count as failed, the rest renders."""
+    seen: set[str] = set()
+    for error in (e for errors in broken.values() for e in errors):
+        if str(error) not in seen:
+            seen.add(str(error))
+            print(f"error: {error}", file=sys.stderr)
+    if broken:
+        print(f"left out because a plugin failed: {', '.join(sorted(broken))} "
+              "(every other job renders)", file=sys.stderr)
 
 
 def guard(plans: list[JobPlan], max_tasks: int) -> int:
@@ -64,20 +84,49 @@ def guard(plans: list[JobPlan], max_tasks: int) -> int:
     return total
 
 
-def expanded(plans: list[JobPlan], plugins: Plugins,
-             limit: int | None) -> Iterator[tuple[Task, JobPlan]]:
-    """Stream (task, plan) pairs, plugin expansion applied, stopping after ``limit``."""
+def iter_resolved(plans: list[JobPlan], plugins: Plugins, limit: int | None,
+                  checkers: dict[int, Preflight]) -> Iterator[tuple[Task, JobPlan]]:
+    """Stream (preflighted task, plan) pairs, plugin expansion applied, up to ``limit`` tasks.
+
+    ``checkers`` (one ``Preflight`` per job file, by ``id``) collect the errors: a caller
+    raises them once the stream ends, so every problem of every file is reported together.
+    """
     produced = 0
     for plan in plans:
+        checker = checkers.setdefault(id(plan.file), Preflight(plan.file))
         for task in expand.iter_tasks(plan):
-            for final in expand.plugin_expand(task, plugins):
+            try:
+                finals = expand.plugin_expand(task, plugins)
+            except PluginError as exc:
+                checker.plugin_failed(plan, exc, exc.plugin if exc.plugin in task.sections
+                                      else "model")
+                continue
+            for final in finals:
                 if limit is not None and produced >= limit:
                     return
                 produced += 1
-                yield final, plan
+                resolved = checker.resolve(final, plan)
+                if resolved is not None:
+                    yield resolved, plan
+
+
+def raise_errors(checkers: dict[int, Preflight]) -> None:
+    errors = [error for checker in checkers.values() for error in checker.errors]
+    if errors:
+        raise JobErrors(errors)
+
+
+def broken_at_preflight(checkers: dict[int, Preflight]) -> dict[str, list[JobError]]:
+    """Jobs with tasks a plugin failed on at expansion or preflight (those tasks left out)."""
+    broken: dict[str, list[JobError]] = {}
+    for checker in checkers.values():
+        for name, errors in checker.broken.items():
+            broken.setdefault(name, []).extend(errors)
+    return broken
 
 
 # -- the commands --------------------------------------------------------------------------------
+
 
 def list_plugins(args: Any) -> int:
     plugins = load_plugins(args.plugins_dir)
@@ -91,7 +140,7 @@ def list_plugins(args: Any) -> int:
         print(f"{'':14} hooks: {', '.join(hooks)}")
     for failure in plugins.failures:
         print(f"{failure.name:14} FAILED ({failure.source}): {failure.error}")
-    return 1 if plugins.failures else 0
+    return EXIT_FAILED if plugins.failures else EXIT_OK
 
 
 def run(args: Any) -> int:
@@ -101,40 +150,35 @@ def run(args: Any) -> int:
               f"{failure.error}", file=sys.stderr)
     files = load_all(args.jobs, plugins)
     plans = selected_plans(files, args.only)
+    broken = broken_at_load(files, args.only)
     guard(plans, args.max_tasks)
+    checkers: dict[int, Preflight] = {}
     if args.dry_run:
-        return dry_run(plans, plugins, {id(jf): Preflight(jf) for jf in files}, args)
-    tasks = resolve_tasks(plans, plugins, args.limit)
+        return dry_run(plans, plugins, checkers, args, broken)
+    tasks = resolve_tasks(plans, plugins, args.limit, checkers)
+    broken |= broken_at_preflight(checkers)
+    report_broken(broken)
     from render.runner import Runner
 
-    return Runner(plans, plugins, args).run(tasks)
+    code = Runner(plans, plugins, args).run(tasks)
+    return code if code != EXIT_OK or not broken else EXIT_FAILED
 
 
-def resolve_tasks(plans: list[JobPlan], plugins: Plugins,
-                  limit: int | None = None) -> list[Task]:
+def resolve_tasks(plans: list[JobPlan], plugins: Plugins, limit: int | None = None,
+                  checkers: dict[int, Preflight] | None = None) -> list[Task]:
     """Expand and preflight every task of ``plans``: the tasks as the renderer gets them.
 
     Raises ``JobErrors`` with every problem of every job file before anything renders.
+    Tasks a plugin failed on are left out and recorded in ``checkers`` (``broken``).
     """
-    checkers: dict[int, Preflight] = {}
-    pairs: dict[int, list[tuple[Task, JobPlan]]] = {}
-    for task, plan in expanded(plans, plugins, limit):
-        checkers.setdefault(id(plan.file), Preflight(plan.file))
-        pairs.setdefault(id(plan.file), []).append((task, plan))
-    tasks: list[Task] = []
-    errors: list[JobError] = []
-    for key, mine in pairs.items():
-        try:
-            tasks.extend(preflight(mine, checkers[key]))
-        except JobErrors as exc:
-            errors.extend(exc.errors)
-    if errors:
-        raise JobErrors(errors)
+    checkers = {} if checkers is None else checkers
+    tasks = [task for task, _ in iter_resolved(plans, plugins, limit, checkers)]
+    raise_errors(checkers)
     return tasks
 
 
 def dry_run(plans: list[JobPlan], plugins: Plugins, checkers: dict[int, Preflight],
-            args: Any) -> int:
+            args: Any, broken: dict[str, list[JobError]]) -> int:
     """List tasks (table or JSON lines), streaming; nothing is written anywhere."""
     from render import output
     from render.ledger import read_done_keys
@@ -143,13 +187,8 @@ def dry_run(plans: list[JobPlan], plugins: Plugins, checkers: dict[int, Prefligh
     done_keys: dict[int, set[tuple[str, str]]] = {}   # per plan: its output root's ledger
     stats: dict[str, Counter[str]] = {}
     needs: dict[str, set[tuple[str, str]]] = {}
-    errors: list[JobError] = []
     out = sys.stdout
-    for task, plan in expanded(plans, plugins, args.limit):
-        checker = checkers[id(plan.file)]
-        resolved = checker.resolve(task, plan)
-        if resolved is None:
-            continue
+    for resolved, plan in iter_resolved(plans, plugins, args.limit, checkers):
         if id(plan) not in done_keys:
             root = output.output_root(plan.job.output.dir, plan.job.base_dir)
             if root not in done_by_root:
@@ -165,13 +204,12 @@ def dry_run(plans: list[JobPlan], plugins: Plugins, checkers: dict[int, Prefligh
             record = resolved.to_json()
             record["done"] = done
             out.write(json.dumps(record, default=str) + "\n")
-    for checker in checkers.values():
-        errors.extend(checker.errors)
-    if errors:
-        raise JobErrors(errors)
+    raise_errors(checkers)
     if not args.json:
         _print_table(plans, stats, needs)
-    return 0
+    broken = broken | broken_at_preflight(checkers)
+    report_broken(broken)
+    return EXIT_FAILED if broken else EXIT_OK
 
 
 def _print_table(plans: list[JobPlan], stats: dict[str, Counter[str]],

@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from render import __version__, output
-from render.errors import UserError
+from render.errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_LOCKED,
+    EXIT_OK,
+    PluginError,
+    UserError,
+)
 from render.expand import JobPlan
 from render.plan import make_batches, split
 from render.plugins import Plugins
@@ -32,7 +39,6 @@ from render.tasks import Batch, Job, Result, Task
 
 log = logging.getLogger("render")
 
-EXIT_OK, EXIT_FAILED, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 3, 130
 
 
 @dataclass
@@ -161,7 +167,7 @@ class Runner:
         from render.engine import Engine
 
         self.engine = Engine(self.plugins.pm, device=self.args.device, dtype=self.args.dtype)
-        batches = make_batches(todo, self.hook, self.args.batch_size)
+        batches = make_batches(todo, self.hook, self.args.batch_size, self._fail_rendering)
         if self.args.batch_size <= 0:
             batches = list(split(batches, self.engine.batch_size_for))
         pending: list[Future[Any]] = []
@@ -203,11 +209,7 @@ class Runner:
 
     def _postprocess(self, result: Result) -> Result | None:
         try:
-            for impl in self.hook.postprocess.get_hookimpls():
-                changed = impl.function(result=result, task=result.task)
-                if changed is not None:
-                    result = changed
-            return result
+            return self.plugins.chain("postprocess", "result", result, task=result.task)
         except Exception as exc:
             self._fail_rendering(result.task, exc)
             return None
@@ -218,7 +220,8 @@ class Runner:
             self._fail(failed, exc)
 
     def _fail(self, task: Task, exc: BaseException) -> None:
-        message = f"{type(exc).__name__}: {exc}".strip()
+        message = str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
+        message = message.strip()
         log.debug("task %s failed:\n%s", task.short_id, "".join(
             traceback.format_exception(type(exc), exc, exc.__traceback__)))
         self.ledgers[self.roots[task.job]].record_failed(task, message)
@@ -316,7 +319,10 @@ class Runner:
                 gallery.build_gallery(root, ledger, report.grids)
             except Exception as exc:
                 log.warning("gallery for %s failed: %s", root, exc)
-        self.hook.run_finished(run=report)
+        try:
+            self.hook.run_finished(run=report)
+        except PluginError as exc:  # the night's images are written: a warning, not a failure
+            print(f"warning: {exc}", file=sys.stderr)
         return report
 
     def _summary(self) -> str:
