@@ -77,16 +77,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from render import hookimpl
-from render.errors import FieldError
-from render.fields import (
+from render.api import (
     FieldContext,
+    FieldError,
+    ModelKind,
+    cache_dir,
+    checkpoint_info,
     describe,
     expect_bool,
     expect_file,
     expect_int,
     expect_number,
     expect_str,
+    hookimpl,
+    shipped_config_source,
+    tensor_shapes,
 )
 
 KEY = "controlnet"
@@ -313,6 +318,14 @@ def _save_control(value: Any, ctx: FieldContext) -> bool:
 
 
 @hookimpl
+def register_model_kinds(register: Any) -> None:
+    register(ModelKind("controlnet", folders=("ControlNet", "controlnet"), family=True,
+                       infotext="ControlNet 0"))
+    # Preprocessor weights; found by file name in these folders (see annotator_roots).
+    register(ModelKind("annotator", folders=("annotator", "Annotators", "ControlNetPreprocessor")))
+
+
+@hookimpl
 def register_task_fields(register: Any) -> None:
     register(KEY, validate_section,
              doc="ControlNet units: model, image, preprocessor, scale, start, end, resolution")
@@ -486,8 +499,6 @@ def a1111_model_hash(path: Path) -> str:
 def _signature(path: Path) -> tuple[int | None, bool] | None:
     """A ControlNet's (cross-attention width, SDXL text_time conditioning), from its config or
     tensor names; None when they cannot be read."""
-    from render.models import tensor_shapes
-
     try:
         if path.is_dir():
             config = json.loads((path / "config.json").read_text(encoding="utf-8"))
@@ -509,8 +520,6 @@ def _signature(path: Path) -> tuple[int | None, bool] | None:
 
 def _family_problem(name: str, path: Path, ref: Any, task: Any) -> str | None:
     """Why this ControlNet cannot steer the task's model, or None when it fits."""
-    from render.models import checkpoint_info
-
     model = task.files.get("model")
     cn = _signature(path)
     if model is None or model.hub or cn is None:
@@ -606,8 +615,6 @@ def single_file_config(path: Path, task: Any) -> Path:
     beside = path.with_suffix("")
     if (beside / "config.json").is_file():
         return beside
-    from render.models import cache_dir, tensor_shapes
-
     config: dict[str, Any] | None = None
     if path.with_suffix(".json").is_file():
         config = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
@@ -634,9 +641,7 @@ def _unet_config(task: Any) -> dict[str, Any]:
         if extra.get("config"):
             folder = Path(extra["config"])
         else:
-            from render.configs import source_dir
-
-            folder = source_dir(str(extra.get("shipped_config") or "sd15"))
+            folder = shipped_config_source(str(extra.get("shipped_config") or "sd15"))
     return json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
 
 

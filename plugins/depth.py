@@ -34,9 +34,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from render import hookimpl
-from render.errors import FieldError
-from render.fields import FieldContext, describe, expect_file, expect_number
+from render.api import (
+    FieldContext,
+    FieldError,
+    checkpoint_info,
+    describe,
+    expect_file,
+    expect_number,
+    format_number,
+    hookimpl,
+)
 
 KEY = "depth"
 SECTION_KEYS = ("image", "strength", "depth_map")
@@ -132,8 +139,6 @@ def _in_channels(model: Any) -> int | None:
     channels = (model.extra or {}).get("in_channels")
     if channels:
         return int(channels)
-    from render.models import checkpoint_info
-
     try:
         return checkpoint_info(model.path).in_channels
     except (FieldError, OSError, ValueError):
@@ -229,6 +234,4 @@ def result_metadata(task: Any, result: Any) -> dict[str, str] | None:
     depth = section(task)
     if depth is None:
         return None
-    from render.metadata import format_number
-
     return {"Denoising strength": format_number(depth["strength"])}

@@ -57,11 +57,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from render import hookimpl
-from render.errors import FieldError
-from render.fields import FieldContext, describe
-from render.models import per_file_version
-from render.tasks import Batch, FileRef, Result, Task
+from render.api import (
+    PICKLE_EXTS,
+    WEIGHT_EXTS,
+    Batch,
+    FieldContext,
+    FieldError,
+    FileRef,
+    ModelKind,
+    Result,
+    Task,
+    describe,
+    hookimpl,
+    load_state_dict,
+    per_file_version,
+    quiet_logger,
+    tensor_shapes,
+)
 
 KEY = "embeddings"
 LABEL = "embedding:"
@@ -72,6 +84,13 @@ _TAG = re.compile(r"<(\w+):([^<>]+)>")
 
 
 # -- load: the job key --------------------------------------------------------------------------
+
+@hookimpl
+def register_model_kinds(register: Any) -> None:
+    # A1111 keeps embeddings beside its models/ folder; ComfyUI inside it.
+    register(ModelKind("embedding", folders=("embeddings",), beside=("embeddings",),
+                       family=True, hashes={"ti_hash": "sha256:12"}, infotext="TI hashes"))
+
 
 @hookimpl
 def register_task_fields(register: Any) -> None:
@@ -125,8 +144,6 @@ _ROOTS: weakref.WeakKeyDictionary[Any, tuple[str, ...]] = weakref.WeakKeyDiction
 def available(models: Any) -> tuple[dict[str, str], re.Pattern[str] | None]:
     """Embedding names in the resolver's embedding folders: ``{lower stem: stem}`` and a
     pattern finding any of them (cached per set of folders for the run)."""
-    from render.models import WEIGHT_EXTS
-
     if models not in _ROOTS:
         _ROOTS[models] = tuple(str(p) for p in models.search_dirs("embedding"))
     roots = _ROOTS[models]
@@ -154,9 +171,7 @@ class EmbeddingInfo:
 
 def inspect_embedding(path: Path) -> EmbeddingInfo:
     """Family and vector count of a textual-inversion file from its header or pickle."""
-    from render import models
-
-    shapes = models.tensor_shapes(path)
+    shapes = tensor_shapes(path)
     if "clip_l" in shapes and "clip_g" in shapes:
         return EmbeddingInfo(frozenset({"sdxl"}), "it holds clip_l and clip_g vectors",
                              _count(shapes["clip_l"]))
@@ -164,7 +179,7 @@ def inspect_embedding(path: Path) -> EmbeddingInfo:
     if vec is None and len(shapes) == 1:
         vec = next(iter(shapes.values()))
     if vec is None:
-        if not shapes and path.suffix.lower() in models.PICKLE_EXTS:
+        if not shapes and path.suffix.lower() in PICKLE_EXTS:
             return EmbeddingInfo(None, "", None)
         raise FieldError(f"{path} is not a textual-inversion embedding (tensors: "
                          f"{', '.join(sorted(shapes)[:5]) or 'none'})")
@@ -316,8 +331,6 @@ def _ensure_loaded(pipe: Any, token: str, ref: FileRef) -> None:
     if len(vectors) != len(pairs):
         raise RuntimeError(f"embedding {name} has vectors for {len(vectors)} text encoder(s), "
                            f"{type(pipe).__name__} has {len(pairs)}")
-    from render.engine import quiet_logger
-
     # transformers announces how it initialises the rows it then overwrites: noise here
     with quiet_logger("transformers"):
         for (tokenizer, text_encoder), vector in zip(pairs, vectors, strict=True):
@@ -330,8 +343,6 @@ def _ensure_loaded(pipe: Any, token: str, ref: FileRef) -> None:
 
 def _vectors(ref: FileRef) -> list[Any]:
     """The embedding's tensors, one per text encoder (A1111, diffusers and SDXL layouts)."""
-    from render.engine import load_state_dict
-
     path = Path(ref.path)
     state = load_state_dict(path, allow_pickle=bool(ref.extra.get("allow_pickle")))
     if "clip_l" in state and "clip_g" in state:

@@ -81,11 +81,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from render import hookimpl
-from render.errors import FieldError
-from render.fields import FieldContext, describe, expect_number
-from render.models import per_file_version
-from render.tasks import Batch, FileRef, Result, Task
+from render.api import (
+    Batch,
+    FieldContext,
+    FieldError,
+    FileRef,
+    ModelKind,
+    Result,
+    Task,
+    describe,
+    expect_number,
+    hookimpl,
+    load_state_dict,
+    per_file_version,
+    safetensors_metadata,
+    tensor_shapes,
+)
 
 KEY = "lora"
 #: How many LoRA adapters stay loaded in one pipeline before the least recently used goes.
@@ -99,6 +110,14 @@ FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 
 # -- load: the job key --------------------------------------------------------------------------
+
+@hookimpl
+def register_model_kinds(register: Any) -> None:
+    # A1111 shows a LoRA's "addnet" hash (of its tensors only) in Lora hashes.
+    register(ModelKind("lora", folders=("Lora", "LyCORIS", "loras"), family=True,
+                       hashes={"lora_hash": "addnet:12", "addnet_hash": "addnet"},
+                       infotext="Lora hashes"))
+
 
 @hookimpl
 def register_task_fields(register: Any) -> None:
@@ -291,10 +310,8 @@ _FULL_RES_ATTN = re.compile(r"(down_blocks[._]0[._]attentions|input_blocks[._][1
 
 def inspect_lora(path: Path) -> LoraInfo:
     """Format, base family and unsupported type of a LoRA file, from its header only."""
-    from render import models
-
-    shapes = models.tensor_shapes(path)
-    metadata = models.safetensors_metadata(path)
+    shapes = tensor_shapes(path)
+    metadata = safetensors_metadata(path)
     for name in sorted(shapes):
         for pattern, kind in _UNSUPPORTED:
             if pattern.search(name):
@@ -571,7 +588,6 @@ def _load(pipe: Any, entry: StackEntry) -> None:
                 pipe.load_lora_weights(str(path.parent), weight_name=path.name,
                                        adapter_name=entry.adapter)
             else:  # a pickle its alias allowed: torch's weights-only unpickler, via the core
-                from render.engine import load_state_dict
 
                 state = load_state_dict(path, allow_pickle=bool(entry.ref.extra.get(
                     "allow_pickle")))

@@ -29,7 +29,6 @@ from __future__ import annotations
 import gc
 import inspect
 import json
-import logging
 import re
 import time
 from collections import OrderedDict
@@ -41,6 +40,7 @@ from typing import Any
 
 from render.errors import UserError
 from render.tasks import Batch, FileRef, Result, Task
+from render.weights import check_pickle, load_state_dict, quiet_logger
 
 #: A1111 extra-network tags (``<lora:name:0.6>``, ``<hypernet:x:1>``): not prompt text.
 EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^<>]+)>")
@@ -305,7 +305,7 @@ class Engine:
     def _load_quietly(self, ref: FileRef) -> Resident:
         import diffusers
 
-        from render.models import checkpoint_info
+        from render.weights import checkpoint_info
 
         start = time.perf_counter()
         path = Path(ref.path)
@@ -339,7 +339,7 @@ class Engine:
                 cls_name = DEFAULT_PIPELINES[family]["inpaint"]
             cls = getattr(diffusers, cls_name)
             kwargs = {"config": str(config_dir), "local_files_only": True, **_dtype_kw(dtype)}
-            _check_pickle(path, bool(extra.get("allow_pickle")))
+            check_pickle(path, bool(extra.get("allow_pickle")))
             unet_config = json.loads((config_dir / "unet" / "config.json").read_text())
             if in_channels != int(unet_config.get("in_channels", 4)):
                 kwargs["unet"] = diffusers.UNet2DConditionModel.from_single_file(
@@ -379,7 +379,8 @@ class Engine:
             return Path(str(extra["config"]))
         shipped = extra.get("shipped_config")
         if not shipped:
-            from render.models import ModelResolver, checkpoint_info
+            from render.models import ModelResolver
+            from render.weights import checkpoint_info
 
             info = checkpoint_info(ref.path)
             _, shipped = ModelResolver([], {}, Path.cwd()).single_file_config(
@@ -727,18 +728,6 @@ def _no_progress_bars() -> Iterator[None]:
             tlog.enable_progress_bar()
 
 
-@contextmanager
-def quiet_logger(logger_name: str) -> Iterator[None]:
-    """Silence one library logger for a moment (a warning that is noise for us)."""
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def _call_params(pipe: Any) -> set[str]:
     return set(inspect.signature(pipe.__call__).parameters)
 
@@ -777,50 +766,3 @@ def load_image(path: str, width: int, height: int, mode: str) -> Any:
         raise UserError(f"{path}: cannot read image: {exc}") from exc
 
 
-def _check_pickle(path: Path, allowed: bool) -> None:
-    """Refuse a pickle unless allowed; when allowed, prove torch's weights-only unpickler
-    accepts it before diffusers loads it (diffusers 0.42 also loads with weights_only)."""
-    from render.models import PICKLE_EXTS
-
-    if path.suffix.lower() not in PICKLE_EXTS:
-        return
-    if not allowed:
-        raise UserError(
-            f"{path} is a pickle file; render loads pickles only when their models: alias"
-            " says allow_pickle: true"
-        )
-    load_state_dict(path, allow_pickle=True)
-
-
-def load_state_dict(path: Path, *, allow_pickle: bool) -> dict[str, Any]:
-    """Tensors of a single weight file; pickles only via ``torch.load(weights_only=True)``."""
-    import zipfile
-
-    import torch
-
-    from render.models import PICKLE_EXTS
-
-    path = Path(path)
-    if path.suffix.lower() not in PICKLE_EXTS:
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    if not allow_pickle:
-        raise UserError(
-            f"{path} is a pickle file; render loads pickles only when their models: alias"
-            " says allow_pickle: true"
-        )
-    try:
-        state = torch.load(
-            str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
-        )
-    except Exception as exc:  # noqa: BLE001 - the unpickler's refusal, reported plainly
-        raise UserError(
-            f"{path}: torch's weights-only unpickler refused this file ({exc}); convert it to"
-            " .safetensors"
-        ) from exc
-    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise UserError(f"{path}: the pickle holds no state dict")
-    return state

@@ -47,6 +47,21 @@ def register_task_fields(register: Any) -> None:
     """
 
 
+@hookspec
+def register_model_kinds(register: Any) -> None:
+    """Declare kinds of model file. Call ``register(ModelKind(...))`` (``render.api``).
+
+    A kind names its A1111 and ComfyUI folders, its extensions and the hashes its files
+    carry; ``models.find(kind, name)`` in ``task_files`` then finds them by name in every
+    ``model_dirs`` folder, and ``models.file_ref`` hashes them. A kind another plugin holds is
+    refused (that plugin is not loaded). Example::
+
+        @hookimpl
+        def register_model_kinds(register):
+            register(ModelKind("lut", folders=("LUTs", "luts"), extensions=(".cube",)))
+    """
+
+
 # -- expand ----------------------------------------------------------------------------------
 @hookspec
 def expand_task(task: Any) -> list[Any] | None:

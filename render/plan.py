@@ -24,7 +24,8 @@ class Preflight:
         from render.models import ModelResolver
 
         self.jf = jf
-        self.models = ModelResolver(jf.model_dirs, jf.models, jf.base_dir)
+        self.models = ModelResolver(jf.model_dirs, jf.models, jf.base_dir,
+                                    kinds=jf.plugins.kinds())
         self.errors: list[JobError] = []
         #: Tasks a plugin failed on (not user mistakes): job name -> one error per message.
         self.broken: dict[str, list[JobError]] = {}

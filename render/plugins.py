@@ -31,7 +31,7 @@ BUILTIN_PACKAGE = "render.builtin_plugins"
 ENTRY_POINT_GROUP = "render"
 
 #: Core hook implementations (module, attribute), registered before any plugin.
-CORE_HOOKS = (("render.output", "core_writers"),)
+CORE_HOOKS = (("render.output", "core_writers"), ("render.kinds", "core_kinds"))
 CORE_NAMES = frozenset(attribute for _, attribute in CORE_HOOKS)
 
 
@@ -63,6 +63,8 @@ class Plugins:
     failures: list[PluginFailure] = field(default_factory=list)
     sources: dict[str, str] = field(default_factory=dict)   # plugin name -> file or dist
     _fields: dict[tuple[str, str], FieldSpec] | None = None
+    _kinds: dict[str, Any] | None = None
+    _owners: dict[str, str] = field(default_factory=dict)   # kind name -> plugin name
 
     @property
     def hook(self) -> Any:
@@ -73,6 +75,29 @@ class Plugins:
         if self._fields is None:
             self._fields = _collect_fields(self)
         return self._fields
+
+    def kinds(self) -> dict[str, Any]:
+        """Every registered kind of model file, ``{name: ModelKind}`` (collected at load)."""
+        if self._kinds is None:
+            self._kinds = _collect_kinds(self)
+        return self._kinds
+
+    def kinds_of(self, plugin_name: str) -> list[str]:
+        """The kinds of model file ``plugin_name`` registered."""
+        self.kinds()
+        return sorted(k for k, owner in self._owners.items() if owner == plugin_name)
+
+    def unload(self, name: str, error: str) -> None:
+        """Take a plugin out, with the reason, and forget every key and kind it registered."""
+        plugin = self.pm.get_plugin(name)
+        if plugin is not None:
+            self.pm.unregister(plugin)
+        self.failures.append(PluginFailure(name, self.sources.pop(name, "?"), error))
+        if self._fields is not None:
+            self._fields = {k: s for k, s in self._fields.items() if s.plugin != name}
+        if self._kinds is not None:
+            self._kinds = {k: v for k, v in self._kinds.items() if self._owners.get(k) != name}
+
 
     def ordered(self, hook_name: str) -> list[tuple[str, Callable[..., Any]]]:
         """``(plugin name, function)`` of a hook in pluggy's call order: ``tryfirst`` first,
@@ -107,9 +132,15 @@ class Plugins:
 
 
 def _import_file(path: Path) -> Any:
-    """Import one plugin file under a private module name (no sys.path changes)."""
-    module_name = f"render_plugin_{path.parent.name}_{path.stem}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
+    """Import one plugin file, or a package folder, under a private module name (no
+    sys.path changes; a package's relative imports work)."""
+    if path.is_dir():
+        module_name = f"render_plugin_{path.parent.name}_{path.name}"
+        spec = importlib.util.spec_from_file_location(
+            module_name, path / "__init__.py", submodule_search_locations=[str(path)])
+    else:
+        module_name = f"render_plugin_{path.parent.name}_{path.stem}"
+        spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot import {path}")
     module = importlib.util.module_from_spec(spec)
@@ -156,9 +187,11 @@ def load_builtins(plugins: Plugins) -> None:
 
 
 def load_dir(plugins: Plugins, directory: Path) -> None:
-    """Register every ``*.py`` file of ``directory`` (files starting with ``_`` are skipped)."""
-    for path in sorted(directory.glob("*.py")):
-        if path.name.startswith("_"):
+    """Register every ``*.py`` file and package folder of ``directory`` (``_*`` skipped)."""
+    found = [*directory.glob("*.py"), *(d for d in directory.iterdir()
+                                         if (d / "__init__.py").is_file())]
+    for path in sorted(found, key=lambda p: p.name):
+        if path.name.startswith(("_", ".")):
             continue
         name = path.stem
         if plugins.pm.has_plugin(name):
@@ -198,6 +231,7 @@ def load_plugins(plugins_dirs: Iterable[str | Path] = (), *, builtins: bool = Tr
     for plugin in plugins.pm.get_plugins():
         if plugins.pm.get_name(plugin) not in CORE_NAMES:
             _name_failures(plugins.pm, plugin)
+    plugins.kinds()
     plugins.fields()
     return plugins
 
@@ -228,34 +262,57 @@ def _naming(function: Callable[..., Any], plugin: str, hook: str) -> Callable[..
     return call
 
 
-def _collect_fields(plugins: Plugins) -> dict[tuple[str, str], FieldSpec]:
-    """Ask every plugin for its keys. A plugin whose ``register_task_fields`` raises, or that
-    claims a key another plugin holds, is unloaded with that reason; the rest keep theirs."""
-    claimed: dict[tuple[str, str], FieldSpec] = {}
-    for plugin_name, function in plugins.ordered("register_task_fields")[::-1]:
-        mine: dict[tuple[str, str], FieldSpec] = {}
+def _gather(plugins: Plugins, hook_name: str, what: str,
+            make_register: Callable[[Callable[[Any, str, Any], None], str], Callable[..., None]],
+            ) -> dict[Any, tuple[str, Any]]:
+    """Call a ``register_*`` hook of every plugin, first registered first, so a built-in keeps
+    what a later plugin also claims. A plugin whose hook raises, or that claims what another
+    holds, is unloaded with that reason and keeps nothing. Returns key -> (plugin, value)."""
+    claimed: dict[Any, tuple[str, Any]] = {}
+    for plugin_name, function in plugins.ordered(hook_name)[::-1]:
+        mine: dict[Any, tuple[str, Any]] = {}
 
-        def register(key: str, validator: Callable[[Any, Any], Any], *,
-                     where: str = "task", doc: str = "", _mine: dict = mine,
-                     _name: str = plugin_name) -> None:
-            if (where, key) in claimed:
-                raise PluginError(_name, "register_task_fields",
-                                  f"key {key!r} is already claimed by plugin "
-                                  f"{claimed[(where, key)].plugin!r}")
-            checked = _naming(validator, _name, f"the validator of {key!r}")
-            _mine[(where, key)] = FieldSpec(key, checked, _name, where, doc)
+        def add(key: Any, label: str, value: Any, _name: str = plugin_name,
+                _mine: dict = mine) -> None:
+            if key in claimed:
+                raise PluginError(_name, hook_name, f"{what} {label!r} is already claimed by "
+                                  f"plugin {claimed[key][0]!r}")
+            _mine[key] = (_name, value)
 
         try:
-            function(register=register)
+            function(register=make_register(add, plugin_name))
         except PluginError as exc:
-            plugin = plugins.pm.get_plugin(plugin_name)
-            if plugin is not None:
-                plugins.pm.unregister(plugin)
-            source = plugins.sources.pop(plugin_name, "?")
-            plugins.failures.append(PluginFailure(plugin_name, source, str(exc)))
+            plugins.unload(plugin_name, str(exc))
             continue
         claimed.update(mine)
     return claimed
+
+
+def _collect_fields(plugins: Plugins) -> dict[tuple[str, str], FieldSpec]:
+    def make_register(add: Callable[[Any, str, Any], None], name: str) -> Callable[..., None]:
+        def register(key: str, validator: Callable[[Any, Any], Any], *,
+                     where: str = "task", doc: str = "") -> None:
+            checked = _naming(validator, name, f"the validator of {key!r}")
+            add((where, key), key, FieldSpec(key, checked, name, where, doc))
+        return register
+
+    return {key: spec for key, (_, spec) in
+            _gather(plugins, "register_task_fields", "key", make_register).items()}
+
+
+def _collect_kinds(plugins: Plugins) -> dict[str, Any]:
+    from render.kinds import ModelKind
+
+    def make_register(add: Callable[[Any, str, Any], None], name: str) -> Callable[..., None]:
+        def register(kind: ModelKind) -> None:
+            if not isinstance(kind, ModelKind):
+                raise TypeError(f"register() takes a ModelKind, got {type(kind).__name__}")
+            add(kind.name, kind.name, kind)
+        return register
+
+    gathered = _gather(plugins, "register_model_kinds", "model kind", make_register)
+    plugins._owners = {name: owner for name, (owner, _) in gathered.items()}
+    return {name: kind for name, (_, kind) in gathered.items()}
 
 
 def hook_names() -> list[str]:
@@ -279,8 +336,4 @@ def _reject_unknown_hooks(plugins: Plugins) -> None:
             for hook in bad:
                 close = difflib.get_close_matches(hook, known, n=1)
                 hints.append(f"{hook!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            plugins.pm.unregister(exc.plugin)
-            source = plugins.sources.pop(name, "?")
-            plugins.failures.append(
-                PluginFailure(name, source, f"unknown hook {', '.join(hints)}")
-            )
+            plugins.unload(name, f"unknown hook {', '.join(hints)}")

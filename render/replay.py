@@ -37,14 +37,14 @@ def load_task(image: str) -> tuple[Task, dict[str, Any]]:
 
 def verify_files(task: Task, image: str) -> None:
     """Every file the task used must still exist with the recorded sha256."""
-    from render.models import sha256_of
+    from render.hashing import file_sha256
 
     for label, ref in sorted(task.files.items()):
         if ref.hub:
             continue
         if not Path(ref.path).exists():
             raise UserError(f"{image}: {label} file {ref.path} is gone")
-        if ref.sha256 and sha256_of(Path(ref.path)) != ref.sha256:
+        if ref.sha256 and file_sha256(Path(ref.path)) != ref.sha256:
             raise UserError(f"{image}: {label} file {ref.path} changed since the image was "
                             "rendered (sha256 differs)")
 

@@ -137,6 +137,8 @@ def list_plugins(args: Any) -> int:
         print(f"{name:14} {source}")
         if keys:
             print(f"{'':14} keys: {', '.join(keys)}")
+        if plugins.kinds_of(name):
+            print(f"{'':14} model kinds: {', '.join(plugins.kinds_of(name))}")
         print(f"{'':14} hooks: {', '.join(hooks)}")
     for failure in plugins.failures:
         print(f"{failure.name:14} FAILED ({failure.source}): {failure.error}")

@@ -13,14 +13,11 @@ from pathlib import Path
 import pytest
 
 from render.errors import FieldError
-from render.models import (
-    HashCache,
-    ModelResolver,
-    addnet_hash,
+from render.hashing import HashCache, addnet_hash, file_sha256, lora_hash
+from render.models import ModelResolver
+from render.weights import (
     checkpoint_info,
     detect_family,
-    file_sha256,
-    lora_hash,
     prediction_hint,
     read_pickle_shapes,
     read_safetensors_header,

@@ -47,7 +47,7 @@ def shipped_config_dir(name: str, cache: Path | None = None) -> Path:
     Built once per content version under ``<cache>/configs/``; safe when two processes race
     (each builds in a temp folder, the first rename wins).
     """
-    from render.models import cache_dir
+    from render.hashing import cache_dir
 
     src = source_dir(name)
     dest = (cache or cache_dir()) / "configs" / f"{name}-{_digest(src)}"
