@@ -78,6 +78,7 @@ from pathlib import Path
 from typing import Any
 
 from render.api import (
+    CONTEXT_FAMILY,
     FieldContext,
     FieldError,
     ModelKind,
@@ -89,6 +90,7 @@ from render.api import (
     expect_int,
     expect_number,
     expect_str,
+    family_text,
     hookimpl,
     shipped_config_source,
     tensor_shapes,
@@ -124,7 +126,6 @@ PIPELINES = {
     (True, "img2img"): "StableDiffusionXLControlNetImg2ImgPipeline",
     (True, "inpaint"): "StableDiffusionXLControlNetInpaintPipeline",
 }
-FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
 
 
 # -- preprocessors --------------------------------------------------------------------------
@@ -533,9 +534,9 @@ def _family_problem(name: str, path: Path, ref: Any, task: Any) -> str | None:
     if text_time == model_xl and (context is None or info.context_dim is None
                                   or context == info.context_dim):
         return None
-    cn_family = "sdxl" if text_time else ref.family or {768: "sd1", 1024: "sd2"}.get(context or 0)
-    cn_name = FAMILY_NAMES.get(cn_family or "", "SD1.x/SD2.x")
-    model_name = FAMILY_NAMES.get(model.family or "", model.family or "?")
+    cn_family = "sdxl" if text_time else ref.family or CONTEXT_FAMILY.get(context or 0)
+    cn_name = family_text(cn_family or {"sd1", "sd2"})
+    model_name = family_text(model.family)
     widths = ""
     if context and info.context_dim:
         widths = (f" (its cross-attention is {context} wide, the model's"

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from render.api import (
+    DEFAULT_STRENGTH,
     FieldContext,
     FieldError,
     checkpoint_info,
@@ -43,11 +44,11 @@ from render.api import (
     expect_number,
     format_number,
     hookimpl,
+    load_image,
 )
 
 KEY = "depth"
 SECTION_KEYS = ("image", "strength", "depth_map")
-DEFAULT_STRENGTH = 0.75
 PIPELINE = "StableDiffusionDepth2ImgPipeline"
 
 
@@ -178,23 +179,12 @@ def task_inputs(task: Any, pipe: Any) -> dict[str, Any] | None:
     if depth is None:
         return None
     inputs: dict[str, Any] = {
-        "image": init_image(depth["image"], task.width, task.height),
+        "image": load_image(depth["image"], task.width, task.height),
         "strength": float(depth["strength"]),
     }
     if depth["depth_map"]:
         inputs["depth_map"] = depth_tensor(depth["depth_map"])
     return inputs
-
-
-def init_image(path: str, width: int, height: int) -> Any:
-    """The init image as RGB at the task's size (a new object per call: per-task inputs)."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if im.size != (width, height):
-            im = im.resize((width, height), Image.Resampling.LANCZOS)
-        return im.copy()
 
 
 _LOCK = threading.Lock()

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from render.api import (
+    CONTEXT_FAMILY,
     PICKLE_EXTS,
     WEIGHT_EXTS,
     Batch,
@@ -68,19 +69,17 @@ from render.api import (
     Result,
     Task,
     describe,
+    family_text,
     hookimpl,
     load_state_dict,
     per_file_version,
     quiet_logger,
+    strip_extra_networks,
     tensor_shapes,
 )
 
 KEY = "embeddings"
 LABEL = "embedding:"
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-_WIDTH = {768: "sd1", 1024: "sd2"}
-#: A1111 extra-network tags (``<lora:x:1>``): the engine removes them from encoder text.
-_TAG = re.compile(r"<(\w+):([^<>]+)>")
 
 
 # -- load: the job key --------------------------------------------------------------------------
@@ -120,7 +119,7 @@ def validate_section(value: Any, ctx: FieldContext | None = None) -> list[str]:
 
 def visible_text(text: str) -> str:
     """What the text encoder sees of a prompt, as far as names go: tags taken out."""
-    return _TAG.sub(" ", text)
+    return strip_extra_networks(text, " ")
 
 
 def word_pattern(names: Iterator[str] | list[str] | set[str]) -> re.Pattern[str] | None:
@@ -184,7 +183,7 @@ def inspect_embedding(path: Path) -> EmbeddingInfo:
         raise FieldError(f"{path} is not a textual-inversion embedding (tensors: "
                          f"{', '.join(sorted(shapes)[:5]) or 'none'})")
     width = int(vec[-1]) if vec else 0
-    family = _WIDTH.get(width)
+    family = CONTEXT_FAMILY.get(width) if width != 2048 else None  # SDXL needs two
     if family:
         return EmbeddingInfo(frozenset({family}), f"its vectors are {width} wide", _count(vec))
     return EmbeddingInfo(frozenset({"sd1", "sd2"}),
@@ -246,8 +245,8 @@ def task_files(task: Task, models: Any) -> dict[str, FileRef] | None:
         if info.families and model_family and model_family not in info.families:
             raise FieldError(
                 f"embedding {path.stem!r} ({path.name}{origin}) is for "
-                f"{_family_text(info.families)} ({info.reason}), but model {task.model!r} is "
-                f"{FAMILY_NAMES.get(model_family, model_family)}", subkey=subkey,
+                f"{family_text(info.families)} ({info.reason}), but model {task.model!r} is "
+                f"{family_text(model_family)}", subkey=subkey,
                 key="" if subkey else ("negative" if "negative" in origin else "prompt"))
         ref = models.file_ref("embedding", name, path)
         family = next(iter(info.families)) if info.families and len(info.families) == 1 else None
@@ -256,12 +255,6 @@ def task_files(task: Task, models: Any) -> dict[str, FileRef] | None:
             extra={**ref.extra, "token": token, "vectors": info.vectors},
         )
     return files
-
-
-def _family_text(families: frozenset[str]) -> str:
-    if set(families) == {"sd1", "sd2"}:
-        return "SD 1.x/2.x"
-    return " or ".join(FAMILY_NAMES.get(f, f) for f in sorted(families))
 
 
 # -- render: load once per pipeline ------------------------------------------------------------

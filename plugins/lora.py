@@ -82,6 +82,7 @@ from pathlib import Path
 from typing import Any
 
 from render.api import (
+    CONTEXT_FAMILY,
     Batch,
     FieldContext,
     FieldError,
@@ -91,6 +92,8 @@ from render.api import (
     Task,
     describe,
     expect_number,
+    extra_network_tags,
+    family_text,
     hookimpl,
     load_state_dict,
     per_file_version,
@@ -103,10 +106,8 @@ KEY = "lora"
 MAX_RESIDENT_ADAPTERS = 16
 
 #: ``<lora:...>`` and A1111's synonym ``<lyco:...>``; the body is split on ``:``.
-TAG = re.compile(r"<(lora|lyco):([^<>]*)>", re.IGNORECASE)
 #: Characters a LoRA name cannot hold: they would break the inline tag syntax.
 _BAD_NAME_CHARS = set(":<>")
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 
 # -- load: the job key --------------------------------------------------------------------------
@@ -226,7 +227,7 @@ def inline_loras(prompt: str) -> tuple[dict[str, dict[str, float]], list[str]]:
     """The LoRAs tagged in a prompt, in order, and an error for each malformed tag."""
     found: dict[str, dict[str, float]] = {}
     errors: list[str] = []
-    for match in TAG.finditer(prompt):
+    for match in extra_network_tags(prompt, "lora", "lyco"):
         try:
             name, weights = parse_tag(match.group(2))
         except ValueError as exc:
@@ -301,7 +302,6 @@ UNSUPPORTED_TYPES: tuple[tuple[str, str], ...] = (
 )
 _UNSUPPORTED = [(re.compile(p), kind) for p, kind in UNSUPPORTED_TYPES]
 _CONTEXT = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-_TE_WIDTH = {768: "sd1", 1024: "sd2"}
 _CROSS_ATTN_DOWN = re.compile(r"attn2[._]to_[kv][._](lora[._]down|lora_A|down)[._]weight$")
 _TE_DOWN = re.compile(r"q_proj[._](lora[._]down|lora_A|down)[._]weight$")
 _DEEP_BLOCK = re.compile(r"transformer_blocks[._][1-9]")
@@ -363,8 +363,8 @@ def lora_family(shapes: Mapping[str, tuple[int, ...]],
         return frozenset({meta_family}), meta_reason
     for key in sorted(keys):
         shape = shapes[key]
-        if _TE_DOWN.search(key) and len(shape) == 2 and shape[1] in _TE_WIDTH:
-            family = _TE_WIDTH[shape[1]]
+        family = CONTEXT_FAMILY.get(shape[1]) if len(shape) == 2 else None
+        if _TE_DOWN.search(key) and family in ("sd1", "sd2"):
             return frozenset({family}), f"its text-encoder layers are {shape[1]} wide"
     if any(_FULL_RES_ATTN.search(k) for k in keys):
         return (frozenset({"sd1", "sd2"}),
@@ -395,14 +395,6 @@ def _metadata_family(metadata: Mapping[str, str]) -> tuple[str | None, str]:
     if str(metadata.get("ss_v2") or "") == "True":
         return "sd2", "its metadata says ss_v2=True"
     return None, ""
-
-
-def family_text(families: frozenset[str] | set[str]) -> str:
-    """``{"sd1", "sd2"}`` -> ``SD 1.x/2.x`` for messages."""
-    ordered = sorted(families, key=lambda f: (f not in FAMILY_NAMES, f))
-    if set(ordered) == {"sd1", "sd2"}:
-        return "SD 1.x/2.x"
-    return " or ".join(FAMILY_NAMES.get(f, f) for f in ordered)
 
 
 #: ``inspect_lora`` once per file version: preflight asks for every task.
@@ -452,7 +444,7 @@ def task_files(task: Task, models: Any) -> dict[str, FileRef] | None:
             raise FieldError(
                 f"LoRA {name!r} ({path.name}) is for {family_text(info.families)} "
                 f"({info.reason}), but model {task.model!r} is "
-                f"{FAMILY_NAMES.get(model_family, model_family)}", subkey=name)
+                f"{family_text(model_family)}", subkey=name)
         ref = models.file_ref("lora", name, path)
         twin = by_file.get(ref.sha256)
         if twin is not None:

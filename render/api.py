@@ -5,12 +5,14 @@ can do too; what is not here is the core's business and may change. Importing it
 import torch: validation and ``--dry-run`` load every plugin without it.
 
 - ``hookimpl``: decorate hook functions (the hooks are documented in ``render.hookspecs``).
-- Values that flow between stages: ``Task``, ``FileRef``, ``Batch``, ``Result``.
+- Values that flow between stages: ``Task``, ``FileRef``, ``Batch``, ``Result``,
+  ``RunReport``; ``DEFAULT_STRENGTH`` (A1111's 0.75) and ``load_image`` (inputs at a size).
 - Job-file keys: ``FieldError``, ``FieldContext`` and the ``expect_*`` validators.
 - Model files: ``ModelKind`` (for ``register_model_kinds``), ``WEIGHT_EXTS``, ``PICKLE_EXTS``,
   the readers that need no torch (``tensor_shapes``, ``safetensors_metadata``,
   ``checkpoint_info``, ``detect_family``) and ``load_state_dict`` (torch's weights-only
-  unpickler for pickles).
+  unpickler for pickles); families: ``FAMILY_NAMES``, ``CONTEXT_FAMILY``, ``family_text``.
+- Prompts: ``extra_network_tags`` and ``strip_extra_networks`` (A1111's ``<lora:x:1>`` tags).
 - Caching and output: ``per_file_version``, ``cache_dir``, ``atomic_write``,
   ``format_number`` (numbers as A1111's infotext writes them), ``quiet_logger``,
   ``shipped_config_source`` (the diffusers configs of SD1.5/SD2/SDXL that render ships).
@@ -31,16 +33,22 @@ from render.fields import (
 )
 from render.hashing import cache_dir, per_file_version
 from render.hookspecs import hookimpl
+from render.images import load_image
 from render.kinds import ModelKind
 from render.metadata import format_number
 from render.output import atomic_write
-from render.tasks import Batch, FileRef, Result, Task
+from render.prompts import extra_network_tags, strip_extra_networks
+from render.runner import RunReport
+from render.tasks import DEFAULT_STRENGTH, Batch, FileRef, Result, Task
 from render.weights import (
+    CONTEXT_FAMILY,
+    FAMILY_NAMES,
     PICKLE_EXTS,
     SAFE_EXTS,
     WEIGHT_EXTS,
     checkpoint_info,
     detect_family,
+    family_text,
     load_state_dict,
     quiet_logger,
     safetensors_metadata,
@@ -48,21 +56,28 @@ from render.weights import (
 )
 
 __all__ = [
+    "DEFAULT_STRENGTH",
     "PICKLE_EXTS",
     "SAFE_EXTS",
     "WEIGHT_EXTS",
+    "CONTEXT_FAMILY",
+    "FAMILY_NAMES",
     "Batch",
     "FieldContext",
     "FieldError",
     "FileRef",
     "ModelKind",
     "Result",
+    "RunReport",
     "Task",
     "atomic_write",
     "cache_dir",
     "checkpoint_info",
     "describe",
     "detect_family",
+    "extra_network_tags",
+    "family_text",
+    "strip_extra_networks",
     "expect_bool",
     "expect_file",
     "expect_int",
@@ -70,6 +85,7 @@ __all__ = [
     "expect_str",
     "format_number",
     "hookimpl",
+    "load_image",
     "load_state_dict",
     "per_file_version",
     "quiet_logger",

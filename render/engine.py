@@ -29,7 +29,6 @@ from __future__ import annotations
 import gc
 import inspect
 import json
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -39,11 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from render.errors import UserError
-from render.tasks import Batch, FileRef, Result, Task
+from render.images import load_image
+from render.prompts import strip_extra_networks
+from render.tasks import DEFAULT_STRENGTH, Batch, FileRef, Result, Task
 from render.weights import check_pickle, load_state_dict, quiet_logger
 
 #: A1111 extra-network tags (``<lora:name:0.6>``, ``<hypernet:x:1>``): not prompt text.
-EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^<>]+)>")
 
 #: The core's pipeline for each family and task kind.
 DEFAULT_PIPELINES: dict[str, dict[str, str]] = {
@@ -66,23 +66,12 @@ MEMORY_STEPS = ("attention slicing", "vae slicing", "vae tiling")
 #: Pipeline views kept per resident model (each is cheap: it shares the base's modules).
 MAX_VIEWS = 16
 
-#: A1111's default denoising strength, for an img2img/inpaint task that gives none.
-DEFAULT_STRENGTH = 0.75
 
 _DTYPES = {
     "float32": "float32", "fp32": "float32", "float": "float32",
     "float16": "float16", "fp16": "float16", "half": "float16",
     "bfloat16": "bfloat16", "bf16": "bfloat16",
 }
-
-
-def strip_extra_networks(text: str) -> str:
-    """The prompt as the text encoder should see it: A1111 ``<kind:...>`` tags removed.
-
-    Like A1111, only the tags go; the commas and spaces around them stay (CLIP's tokenizer
-    ignores repeated spaces).
-    """
-    return EXTRA_NETWORK_TAG.sub("", text)
 
 
 def default_pipeline_class(task: Task, family: str, in_channels: int = 4) -> str:
@@ -203,7 +192,7 @@ class Resident:
 class Engine:
     """Renders batches on one device; see the module docstring for the design.
 
-    ``models`` resolves tasks that arrive without ``files["model"]`` (tests, tools);
+    Tasks arrive preflighted: their ``files`` name every checkpoint and VAE to load.
     ``max_batch`` caps :meth:`batch_size_for`; ``max_resident`` is how many base pipelines
     stay loaded at once (the planner orders batches so each model loads once).
     """
@@ -214,7 +203,6 @@ class Engine:
         *,
         device: str | None = None,
         dtype: str | None = None,
-        models: Any = None,
         max_batch: int | None = None,
         max_resident: int = 1,
     ) -> None:
@@ -224,7 +212,6 @@ class Engine:
         self.device = _pick_device(device)
         self.dtype = _pick_dtype(self.device, dtype)
         self.torch_dtype = getattr(torch, self.dtype)
-        self.models = models
         self.max_batch = max_batch
         self.max_resident = max(1, max_resident)
         self.components = ComponentCache(self.device, self.torch_dtype)
@@ -259,28 +246,13 @@ class Engine:
                 "versions": versions}
 
     # -- models ----------------------------------------------------------------------------
-    def _model_ref(self, task: Task) -> FileRef:
+    @staticmethod
+    def _model_ref(task: Task) -> FileRef:
+        """The checkpoint preflight resolved (the engine never resolves names itself)."""
         ref = task.files.get("model")
-        if ref is not None:
-            return ref
-        if self.models is None:
-            from render.models import ModelResolver
-
-            self.models = ModelResolver([], {}, Path.cwd())
-        return self.models.resolve_model(task.model)
-
-    def _vae_ref(self, task: Task, model: FileRef) -> FileRef | None:
-        ref = task.files.get("vae")
-        if ref is not None:
-            return ref
-        name = task.vae or model.extra.get("vae")
-        if not name:
-            return None
-        if self.models is None:
-            from render.models import ModelResolver
-
-            self.models = ModelResolver([], {}, Path.cwd())
-        return self.models.resolve_vae(name)
+        if ref is None:
+            raise RuntimeError(f"task {task.short_id} reached the engine without preflight")
+        return ref
 
     def resident(self, ref: FileRef) -> Resident:
         """The base pipeline of ``ref``, loading it (and evicting the oldest) if needed."""
@@ -378,14 +350,8 @@ class Engine:
         if extra.get("config"):
             return Path(str(extra["config"]))
         shipped = extra.get("shipped_config")
-        if not shipped:
-            from render.models import ModelResolver
-            from render.weights import checkpoint_info
-
-            info = checkpoint_info(ref.path)
-            _, shipped = ModelResolver([], {}, Path.cwd()).single_file_config(
-                ref.name, Path(ref.path), info, extra.get("prediction")
-            )
+        if not shipped:  # preflight decides the config of every single file
+            raise RuntimeError(f"{ref.path}: no config was decided for this single file")
         from render.configs import shipped_config_dir
 
         return shipped_config_dir(str(shipped))
@@ -503,7 +469,7 @@ class Engine:
         res = self.resident(model)
         load_s = 0.0 if loaded_before else res.load_seconds
         pipe = self.pipeline_for(res, first)
-        pipe.vae = self.vae_for(res, self._vae_ref(first, model))
+        pipe.vae = self.vae_for(res, first.files.get("vae"))
         pipe.scheduler = self._scheduler(first, res)
         self.pm.hook.configure_pipeline(pipe=pipe, batch=batch)
         results: list[Result] = []
@@ -750,19 +716,5 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return False
-
-
-def load_image(path: str, width: int, height: int, mode: str) -> Any:
-    """An init image or mask, converted and resized to the task's size."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert(mode)
-            if im.size != (width, height):
-                im = im.resize((width, height), Image.Resampling.LANCZOS)
-            return im
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read image: {exc}") from exc
 
 

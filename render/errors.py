@@ -70,7 +70,7 @@ class FieldError(ValueError):
         super().__init__(message)
 
 
-class PluginError(Exception):
+class PluginError(RuntimeError):
     """A plugin raised where a value was expected: our user's bug report names the plugin.
 
     Not a ``UserError``: the job file may be fine. The task (or job) that needed the plugin

@@ -1,8 +1,8 @@
 """Job file -> validated job plans -> a flat, streamed list of tasks.
 
 Like dvc's ``matrix``: a declarative file expands into a flat task list, and every error
-names ``file:line:col`` and the key path. Expansion order (fixed by JOBS.md): prompt
-expansions x product(grid axes) x zip rows x seeds; ``index`` counts from 0 within a job.
+names ``file:line:col`` and the key path. Expansion order (the job format in README.md):
+prompt expansions x product(grid axes) x zip rows x seeds; ``index`` counts from 0 within a job.
 The task count of a job is known before a single task is built, so an accidental
 10^9-task grid is refused instantly. Pure Python: no torch.
 """
@@ -679,7 +679,7 @@ def _prompt_expansions(plan: JobPlan) -> Iterator[wildcards.Expansion]:
 
 
 def iter_tasks(plan: JobPlan) -> Iterator[Task]:
-    """Stream the job's tasks in JOBS.md order, without building the whole list."""
+    """Stream the job's tasks in the job format's order, without building the whole list."""
     jf = plan.file
     base = {key: jf.normalise(key, value) for key, value in plan.raw.items()
             if key in CORE_FIELDS or ("task", key) in jf.fields}

@@ -178,6 +178,6 @@ def write_output(result: Any, path: Any, fmt: str) -> list[Any] | None:
 def run_finished(run: Any) -> None:
     """Called once after the last write, also for partial or failed runs.
 
-    ``run`` is a ``render.report.RunReport`` (output root, ledger, jobs, counts). Grid sheets
+    ``run`` is a ``render.api.RunReport`` (output roots, ledgers, jobs, counts, sheets). Grid sheets
     and the gallery are built here by the core.
     """

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape as xml_escape
 
-from render.tasks import Task
+from render import __version__
+from render.tasks import Result, Task
 
 #: Keys A1111 writes in this order (``create_infotext`` in A1111's processing.py, v1.9+).
 #: A key given in ``extra`` that is one of these goes to its fixed place, as in A1111, where
@@ -382,3 +383,31 @@ def _user_comment(im: Any) -> str | None:
         return piexif.helper.UserComment.load(raw)
     except ValueError:
         return raw.decode("utf-8", errors="ignore") or None
+
+
+def describe_result(result: Result, hook: Any, versions: dict[str, str],
+                    device: str) -> tuple[str, dict[str, Any]]:
+    """The infotext and provenance of one result: the core's fields, then every plugin's
+    ``result_metadata`` in call order, then the render notes (an OOM retry's savers)."""
+    task = result.task
+    extra: dict[str, str] = {}
+    for fields in hook.result_metadata(task=task, result=result):
+        if fields:
+            extra.update(fields)
+    if result.notes:
+        extra["Render notes"] = "; ".join(result.notes)
+    model = task.files.get("model")
+    vae = task.files.get("vae")
+    text = infotext(
+        task,
+        model_name=Path(model.path).stem if model and not model.hub else task.model,
+        model_hash=model.short_hash if model else "",
+        vae_name=Path(vae.path).stem if vae else None,
+        vae_hash=vae.short_hash if vae else None,
+        extra=extra,
+        version=f"render {__version__}",
+    )
+    prov = provenance(task, versions=versions, device=device, timings=result.timings,
+                      infotext=text)
+    prov["notes"] = list(result.notes)
+    return text, prov

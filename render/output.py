@@ -1,6 +1,6 @@
 """Output files: name templates, atomic writes and the core png/webp/jpg writers.
 
-Names come from ``output.dir`` + ``output.name`` (JOBS.md "Names"). The substitution is our
+Names come from ``output.dir`` + ``output.name`` (README.md, "Names"). The substitution is our
 own (not ``str.format``): ``{lora.add_detail}`` is a plain field name, never attribute
 access, and a format spec (``{index:05}``, ``{prompt:.40}``, ``{cfg:.1f}``) is checked before
 use. Every substituted value is sanitised and every path component checked, so a prompt or
@@ -25,6 +25,7 @@ from typing import Any
 from render.hookspecs import hookimpl
 from render.ledger import pid_alive
 from render.metadata import format_number, save_image
+from render.prompts import strip_extra_networks
 from render.tasks import Job, OutputSpec, Task
 
 #: Fields every template may use; any grid or zip axis key may be used as well.
@@ -198,7 +199,7 @@ def slug(text: str) -> str:
 
     A1111 extra-network tags (``<lora:x:0.6>``) and weights are dropped as punctuation.
     """
-    text = re.sub(r"<[^<>]*>", " ", text)
+    text = strip_extra_networks(text, " ")
     text = unicodedata.normalize("NFKC", text).lower()
     return "-".join(re.findall(r"[^\W_]+(?:_[^\W_]+)*", text))
 
@@ -465,8 +466,8 @@ class CoreWriters:
     """The built-in png/webp/jpg writers, registered with the plugin manager like a plugin.
 
     Contract: ``result.provenance`` is the complete dict from ``render.metadata.provenance``
-    and holds the final infotext under ``"infotext"`` (the caller builds the infotext from
-    the task and ``result.infotext_fields``, then the provenance, before ``write_output``).
+    and holds the final infotext under ``"infotext"`` (``render.metadata.describe_result``
+    builds both before ``write_output``).
     ``result.images[0]`` is written; animations are left to plugins.
     """
 

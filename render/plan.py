@@ -81,12 +81,12 @@ class Preflight:
             except FieldError as exc:
                 self._fail(plan, "vae" if task.vae else "model", exc)
                 return None
-        # ``files`` is the task's own dict: plugins see the core's files, and what they add
-        # joins it before the id is computed.
-        task = dataclasses.replace(task, files=files)
+        # Each plugin sees the files found so far (the core's, then earlier plugins') on a
+        # task of its own; the task with every file and its id is made once, at the end.
         for plugin_name, task_files in self.jf.plugins.ordered("task_files"):
             try:
-                extra = task_files(task=task, models=self.models)
+                extra = task_files(task=dataclasses.replace(task, files=dict(files)),
+                                   models=self.models)
             except FieldError as exc:
                 self._fail(plan, exc.key or _plugin_key(task, plugin_name), exc)
                 return None
@@ -95,6 +95,7 @@ class Preflight:
                 return None
             if extra:
                 files.update(extra)
+        task = dataclasses.replace(task, files=files)
         return dataclasses.replace(task, id=task.compute_id())
 
     def plugin_failed(self, plan: JobPlan, exc: PluginError, key: str = "model") -> None:

@@ -74,7 +74,24 @@ _TOKEN = re.compile(
 )
 _BREAK_SPLIT = re.compile(r"\s*\bBREAK\b\s*")
 _AND = re.compile(r"\bAND\b")
-_EXTRA_NETWORK = re.compile(r"<(?:lora|lyco|hypernet):[^>]*>", re.IGNORECASE)
+#: An A1111 extra-network tag: ``<lora:name:0.6>``, ``<hypernet:name:1>``; kind and body.
+EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^<>]*)>")
+
+
+def extra_network_tags(text: str, *kinds: str) -> list[re.Match[str]]:
+    """The extra-network tags of ``text`` (of the given kinds, any case; all when none)."""
+    wanted = {k.lower() for k in kinds}
+    return [m for m in EXTRA_NETWORK_TAG.finditer(text)
+            if not wanted or m.group(1).lower() in wanted]
+
+
+def strip_extra_networks(text: str, replacement: str = "") -> str:
+    """The prompt as the text encoder should see it: A1111 ``<kind:...>`` tags removed.
+
+    Like A1111, only the tags go; the commas and spaces around them stay (CLIP's tokenizer
+    ignores repeated spaces).
+    """
+    return EXTRA_NETWORK_TAG.sub(replacement, text)
 
 
 def _multiply(parts: list[list[Any]], start: int, factor: float) -> None:
@@ -380,10 +397,10 @@ def encode_prompts(
     if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or clip_skip < 1:
         raise ValueError(f"clip_skip must be an integer >= 1, got {clip_skip!r}")
     for text in (*prompts, *negatives):
-        tag = _EXTRA_NETWORK.search(text)
-        if tag:
+        tags = extra_network_tags(text, "lora", "lyco", "hypernet")
+        if tags:
             raise ValueError(
-                f"prompt still holds the tag {tag.group(0)!r}: extra-network tags must be "
+                f"prompt still holds the tag {tags[0].group(0)!r}: extra-network tags must be "
                 f"taken out (by the lora plugin) before the prompt is encoded"
             )
     parsed_prompts = [parse_attention(p) for p in prompts]

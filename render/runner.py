@@ -17,13 +17,13 @@ import threading
 import time
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from render import __version__, output
+from render import __version__, metadata, output
 from render.errors import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -109,7 +109,7 @@ class Runner:
             from render.ledger import Ledger
 
             for root in roots:
-                self.ledgers[root] = stack.enter_context(_closing(Ledger(root)))
+                self.ledgers[root] = stack.enter_context(closing(Ledger(root)))
             # Names come from every task of the run, done or not, so a resumed run names
             # each task exactly as the first run did.
             paths = output.unique_paths(
@@ -237,8 +237,9 @@ class Runner:
             job = self.jobs[task.job]
             root = self.roots[task.job]
             path = self._path_for(task)
-            infotext, prov = self._metadata(result)
-            result.provenance = prov
+            versions, device = self._environment()
+            infotext, prov = metadata.describe_result(result, self.hook, versions, device)
+            result = dataclasses.replace(result, provenance=prov)
             start = time.monotonic()
             written = self.hook.write_output(result=result, path=path, fmt=job.output.format)
             if not written:
@@ -263,33 +264,6 @@ class Runner:
         path = self._paths[(task.job, task.index)]
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
-
-    def _metadata(self, result: Result) -> tuple[str, dict[str, Any]]:
-        from render import metadata
-
-        task = result.task
-        extra: dict[str, str] = {}
-        for fields in self.hook.result_metadata(task=task, result=result):
-            if fields:
-                extra.update(fields)
-        if result.notes:   # e.g. the memory savers an OOM retry turned on
-            extra["Render notes"] = "; ".join(result.notes)
-        model = task.files.get("model")
-        vae = task.files.get("vae")
-        text = metadata.infotext(
-            task,
-            model_name=Path(model.path).stem if model and not model.hub else task.model,
-            model_hash=model.short_hash if model else "",
-            vae_name=Path(vae.path).stem if vae else None,
-            vae_hash=vae.short_hash if vae else None,
-            extra=extra,
-            version=f"render {__version__}",
-        )
-        versions, device = self._environment()
-        prov = metadata.provenance(task, versions=versions, device=device,
-                                   timings=result.timings, infotext=text)
-        prov["notes"] = list(result.notes)
-        return text, prov
 
     @functools.cache  # noqa: B019 - one Runner per invocation; the engine never changes
     def _environment(self) -> tuple[dict[str, str], str]:
@@ -329,16 +303,3 @@ class Runner:
         from render.progress import summary
 
         return summary(self.counts, interrupted=self.stop.is_set())
-
-
-class _closing:
-    """Context manager closing a ledger (sqlite) however the run ends."""
-
-    def __init__(self, thing: Any) -> None:
-        self.thing = thing
-
-    def __enter__(self) -> Any:
-        return self.thing
-
-    def __exit__(self, *exc: Any) -> None:
-        self.thing.close()

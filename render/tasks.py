@@ -16,6 +16,9 @@ from typing import Any
 
 from render.errors import Location
 
+#: A1111's default denoising strength, for an img2img/inpaint/depth task that gives none.
+DEFAULT_STRENGTH = 0.75
+
 #: Keys of a task whose values decide its pixels (besides plugin sections and file hashes).
 PIXEL_KEYS = (
     "prompt", "negative", "seed", "width", "height", "steps", "cfg", "sampler", "schedule",
@@ -192,14 +195,13 @@ class Batch:
 class Result:
     """What the render stage produced for one task, on its way to the writers.
 
-    ``images`` holds one PIL image, or the frames of an animation. ``infotext`` fields are
-    collected from the core and the ``result_metadata`` hook; ``extras`` are side files
-    (e.g. a ControlNet's preprocessed image) keyed by a suffix for their file name.
+    ``images`` holds one PIL image, or the frames of an animation; ``extras`` are side files
+    (e.g. a ControlNet's preprocessed image) keyed by a suffix for their file name. The
+    write stage sets ``provenance`` (with the final infotext) on the copy it writes.
     """
 
     task: Task
     images: list[Any]
-    infotext_fields: dict[str, str] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)

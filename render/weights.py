@@ -158,8 +158,20 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
 
 
 # -- family detection -----------------------------------------------------------------------
-_CONTEXT_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+#: The base model families, as messages name them.
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+#: Cross-attention (text-encoder) width -> family.
+CONTEXT_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
+
+def family_text(families: frozenset[str] | set[str] | str | None) -> str:
+    """``"sd1"`` -> ``SD 1.x``; ``{"sd1", "sd2"}`` -> ``SD 1.x/2.x`` (for messages)."""
+    if isinstance(families, str) or families is None:
+        return FAMILY_NAMES.get(families or "", families or "?")
+    if set(families) == {"sd1", "sd2"}:
+        return "SD 1.x/2.x"
+    ordered = sorted(families, key=lambda f: (f not in FAMILY_NAMES, f))
+    return " or ".join(FAMILY_NAMES.get(f, f) for f in ordered)
 
 
 _UNET = "model.diffusion_model."
@@ -273,7 +285,7 @@ def detect_family(path: str | Path, kind: str = "checkpoint") -> str | None:
             config = _read_json(config_file)
             if config.get("addition_embed_type") == "text_time":
                 return "sdxl"
-            return _CONTEXT_FAMILY.get(_context_of(config.get("cross_attention_dim")) or 0)
+            return CONTEXT_FAMILY.get(_context_of(config.get("cross_attention_dim")) or 0)
         shapes = tensor_shapes(path)
     except FieldError:
         return None
@@ -287,7 +299,7 @@ def detect_family(path: str | Path, kind: str = "checkpoint") -> str | None:
     for key, shape in sorted(shapes.items()):
         if re.search(r"attn2[._]to_k", key) and len(shape) == 2:
             # LoRA down/A: (rank, context); a full weight: (inner, context)
-            found = _CONTEXT_FAMILY.get(int(shape[1]))
+            found = CONTEXT_FAMILY.get(int(shape[1]))
             if found:
                 return found
     return None

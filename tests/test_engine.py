@@ -48,7 +48,7 @@ def engine(resolver: ModelResolver) -> Any:
     from render.engine import Engine
 
     torch.set_num_threads(1)
-    eng = Engine(new_pm(), device="cpu", models=resolver, max_resident=3)
+    eng = Engine(new_pm(), device="cpu", max_resident=3)
     yield eng
     eng.close()
 
@@ -138,7 +138,7 @@ def test_base_pipeline_loaded_once_across_kinds(kit: Path, refs: dict) -> None:
     from render.engine import Engine
 
     r = ModelResolver([kit], {}, kit)
-    eng = Engine(new_pm(), device="cpu", models=r)
+    eng = Engine(new_pm(), device="cpu")
     house, mask = str(refs["house.png"]), str(refs["mask.png"])
     for task in (make(r), make(r, image=house, strength=0.5),
                  make(r, image=house, strength=0.9, mask=mask), make(r, seed=3)):
@@ -179,7 +179,7 @@ def test_inpainting_single_file(kit: Path, refs: dict, tmp_path: Path) -> None:
                       tmp_path)
     ref = r.resolve_model("inp")
     assert ref.extra["in_channels"] == 9
-    eng = Engine(new_pm(), device="cpu", models=r)
+    eng = Engine(new_pm(), device="cpu")
     house, mask = str(refs["house.png"]), str(refs["mask.png"])
     (result,) = render(eng, make(r, model="inp", image=house, mask=mask, strength=1.0))
     base = eng.residents[ref.path].pipe
@@ -190,7 +190,7 @@ def test_inpainting_single_file(kit: Path, refs: dict, tmp_path: Path) -> None:
 
 
 def test_extra_network_tags_are_not_encoded(engine: Any, resolver: ModelResolver) -> None:
-    from render.engine import strip_extra_networks
+    from render.prompts import strip_extra_networks
 
     assert strip_extra_networks("a <lora:add_detail:0.6>, b <hypernet:x:1>") == "a , b "
     tagged, = render(engine, make(resolver, prompt="a red house <lora:tiny-lora-a:0.8>"))
@@ -279,7 +279,7 @@ def test_hooks_drive_the_pipeline(kit: Path, refs: dict) -> None:
 
     rec = Recorder()
     r = ModelResolver([kit], {}, kit)
-    eng = Engine(new_pm(rec), device="cpu", models=r)
+    eng = Engine(new_pm(rec), device="cpu")
     tasks = [make(r, seed=s, image=str(refs["house.png"]), strength=0.5,
                   sections={"force_i2i": True}) for s in (1, 2)]
     render(eng, *tasks)
@@ -339,7 +339,7 @@ def test_oom_splits_the_batch(kit: Path) -> None:
     from render.engine import Engine
 
     r = ModelResolver([kit], {}, kit)
-    eng = Engine(new_pm(), device="cpu", models=r, max_batch=8)
+    eng = Engine(new_pm(), device="cpu", max_batch=8)
     tasks = [make(r, seed=s) for s in (21, 22, 23)]
     clean = render(eng, *tasks)
     base = next(iter(eng.residents.values()))
@@ -356,7 +356,7 @@ def test_oom_at_batch_one_turns_on_memory_savers(kit: Path) -> None:
     from render.engine import Engine
 
     r = ModelResolver([kit], {}, kit)
-    eng = Engine(new_pm(), device="cpu", models=r)
+    eng = Engine(new_pm(), device="cpu")
     task = make(r, seed=31)
     clean, = render(eng, task)
     base = next(iter(eng.residents.values()))
@@ -440,7 +440,7 @@ def test_half_precision_views_keep_dtype(kit: Path, refs: dict) -> None:
     from render.engine import Engine
 
     r = ModelResolver([kit], {}, kit)
-    eng = Engine(new_pm(), device="cpu", dtype="bf16", models=r)
+    eng = Engine(new_pm(), device="cpu", dtype="bf16")
     render(eng, make(r, image=str(refs["house.png"]), strength=0.5, steps=2))
     base = next(iter(eng.residents.values())).pipe
     assert base.unet.dtype == torch.bfloat16 and base.vae.dtype == torch.bfloat16

@@ -244,10 +244,10 @@ def test_controlnet_of_another_family_is_a_preflight_error(tmp_path, kit, refs, 
 """)
     assert errors(path, plugins) == [
         f"{path}:7:16: jobs[0].controlnet[0].model: ControlNet 'tiny-controlnet-sdxl' is made"
-        " for SDXL, but model 'tiny-sd15' is SD1.x (its cross-attention is 80 wide, the"
-        " model's 32): use a ControlNet made for SD1.x",
+        " for SDXL, but model 'tiny-sd15' is SD 1.x (its cross-attention is 80 wide, the"
+        " model's 32): use a ControlNet made for SD 1.x",
         f"{path}:12:16: jobs[1].controlnet[0].model: ControlNet 'tiny-controlnet-sd15' is made"
-        " for SD1.x/SD2.x, but model 'tiny-sdxl' is SDXL (its cross-attention is 32 wide, the"
+        " for SD 1.x/2.x, but model 'tiny-sdxl' is SDXL (its cross-attention is 32 wide, the"
         " model's 80): use a ControlNet made for SDXL",
     ]
 
