@@ -32,9 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tasks", type=int, default=10000, metavar="N",
                         help="refuse job files that expand to more tasks (default 10000)")
     parser.add_argument("--plugins-dir", action="append", default=[], metavar="DIR",
-                        help="also load every *.py in DIR as a plugin (repeatable)")
+                        help="also load every *.py file and package folder in DIR as a plugin "
+                             "(repeatable)")
     parser.add_argument("--list-plugins", action="store_true",
-                        help="show loaded plugins, their hooks and job keys, then exit")
+                        help="show plugins, their job keys, model kinds and hooks, then exit")
     parser.add_argument("--force", action="store_true",
                         help="re-render tasks the ledger already holds")
     parser.add_argument("--batch-size", type=int, default=0, metavar="N",

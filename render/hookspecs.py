@@ -1,12 +1,13 @@
 """Every hook a plugin can implement, in the order the stages call them.
 
-A plugin is a module (or object) with functions named like these, decorated with
-``render.hookimpl``. Built-in features in ``plugins/`` use exactly the same hooks.
+A plugin is a module, package (or object) with functions named like these, decorated with
+``hookimpl`` from ``render.api``, the plugin API (the types below are its types). Built-in
+features in ``plugins/`` use exactly the same hooks and import nothing else from render.
 Misspelled hook names are rejected at start-up (pluggy's ``check_pending``).
 
 Example, a plugin that claims a ``grain:`` key and adds film grain after rendering::
 
-    from render import hookimpl
+    from render.api import hookimpl
 
     @hookimpl
     def register_task_fields(register):
@@ -22,9 +23,17 @@ Example, a plugin that claims a ``grain:`` key and adds film grain after renderi
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pluggy
+
+if TYPE_CHECKING:  # the plugin API's types, named without importing them at run time
+    from pathlib import Path
+
+    from render.api import Batch, FileRef, Result, RunReport, Task
+    from render.engine import ComponentCache
+    from render.models import ModelResolver
 
 hookspec = pluggy.HookspecMarker("render")
 hookimpl = pluggy.HookimplMarker("render")
@@ -32,11 +41,11 @@ hookimpl = pluggy.HookimplMarker("render")
 
 # -- load ------------------------------------------------------------------------------------
 @hookspec
-def register_task_fields(register: Any) -> None:
+def register_task_fields(register: Callable[..., None]) -> None:
     """Claim job-file keys. Call ``register(key, validator, *, where="task", doc="")``.
 
     ``validator(value, ctx)`` returns the normalised value or raises
-    ``render.errors.FieldError(message, subkey)``; ``ctx`` is a ``render.fields.FieldContext``
+    ``FieldError(message, subkey)``; ``ctx`` is a ``FieldContext`` (both in ``render.api``)
     (``ctx.base_dir`` to resolve relative paths, ``ctx.file``). ``where="output"`` claims a
     key of the ``output:`` section instead (e.g. ``save_control``). A key nobody claims is an
     error with a did-you-mean. Example::
@@ -48,7 +57,7 @@ def register_task_fields(register: Any) -> None:
 
 
 @hookspec
-def register_model_kinds(register: Any) -> None:
+def register_model_kinds(register: Callable[..., None]) -> None:
     """Declare kinds of model file. Call ``register(ModelKind(...))`` (``render.api``).
 
     A kind names its A1111 and ComfyUI folders, its extensions and the hashes its files
@@ -64,7 +73,7 @@ def register_model_kinds(register: Any) -> None:
 
 # -- expand ----------------------------------------------------------------------------------
 @hookspec
-def expand_task(task: Any) -> list[Any] | None:
+def expand_task(task: Task) -> list[Task] | None:
     """Rewrite or multiply a freshly expanded task; return a list to replace it, None to keep.
 
     Runs after wildcards, grid and seeds, before preflight. The LoRA plugin uses it to merge
@@ -79,7 +88,7 @@ def expand_task(task: Any) -> list[Any] | None:
 
 # -- plan (preflight) ------------------------------------------------------------------------
 @hookspec
-def task_files(task: Any, models: Any) -> dict[str, Any] | None:
+def task_files(task: Task, models: ModelResolver) -> dict[str, FileRef] | None:
     """Resolve every file the plugin's section names; return ``{label: FileRef}``.
 
     ``models`` is the run's ``render.models.ModelResolver`` (``models.find(kind, name)``,
@@ -96,7 +105,7 @@ def task_files(task: Any, models: Any) -> dict[str, Any] | None:
 
 
 @hookspec
-def group_key(task: Any) -> Any:
+def group_key(task: Task) -> Any:
     """Return a hashable value: tasks with different values never share a pipeline call.
 
     Example: the LoRA stack ``tuple(sorted(task.sections["lora"].items()))``.
@@ -105,7 +114,7 @@ def group_key(task: Any) -> Any:
 
 # -- render ----------------------------------------------------------------------------------
 @hookspec(firstresult=True)
-def pipeline_class(task: Any, family: str) -> str | None:
+def pipeline_class(task: Task, family: str) -> str | None:
     """Name the diffusers pipeline class for this task (first non-None answer wins).
 
     The core answers last with the family's txt2img/img2img/inpaint pipeline. Example::
@@ -118,7 +127,8 @@ def pipeline_class(task: Any, family: str) -> str | None:
 
 
 @hookspec
-def pipeline_components(task: Any, family: str, loader: Any) -> dict[str, Any] | None:
+def pipeline_components(task: Task, family: str,
+                        loader: ComponentCache) -> dict[str, Any] | None:
     """Extra components to pass to ``from_pipe`` (a ControlNetModel, a MotionAdapter).
 
     ``loader`` is the engine's ``render.engine.ComponentCache``: ``loader.get(key, build)``
@@ -127,7 +137,7 @@ def pipeline_components(task: Any, family: str, loader: Any) -> dict[str, Any] |
 
 
 @hookspec
-def configure_pipeline(pipe: Any, batch: Any) -> None:
+def configure_pipeline(pipe: Any, batch: Batch) -> None:
     """Prepare the pipeline for one batch: LoRA adapters and weights, memory options.
 
     Called before every batch with the batch's tasks (``batch.tasks``); undo here whatever a
@@ -136,7 +146,7 @@ def configure_pipeline(pipe: Any, batch: Any) -> None:
 
 
 @hookspec
-def task_inputs(task: Any, pipe: Any) -> dict[str, Any] | None:
+def task_inputs(task: Task, pipe: Any) -> dict[str, Any] | None:
     """Extra ``pipe(...)`` keyword arguments for one task (control image, depth map ...).
 
     When every task of a batch returns the identical object (``is``) or equal plain values
@@ -148,13 +158,13 @@ def task_inputs(task: Any, pipe: Any) -> dict[str, Any] | None:
 
 # -- post ------------------------------------------------------------------------------------
 @hookspec
-def postprocess(result: Any, task: Any) -> Any:
+def postprocess(result: Result, task: Task) -> Result | None:
     """Transform a result after rendering (upscale, ...). Return the new result or None."""
 
 
 # -- write -----------------------------------------------------------------------------------
 @hookspec
-def result_metadata(task: Any, result: Any) -> dict[str, str] | None:
+def result_metadata(task: Task, result: Result) -> dict[str, str] | None:
     """Fields for the A1111 infotext, e.g. ``{"Lora hashes": "a: 1234abcd, b: 5678ef90"}``.
 
     They are written after the core fields, in plugin order. Values are plain strings; the
@@ -163,19 +173,19 @@ def result_metadata(task: Any, result: Any) -> dict[str, str] | None:
 
 
 @hookspec(firstresult=True)
-def write_output(result: Any, path: Any, fmt: str) -> list[Any] | None:
+def write_output(result: Result, path: Path, fmt: str) -> list[Path] | None:
     """Write ``result`` to ``path`` (extension already set) in format ``fmt``.
 
     Return the list of files written (side files included: they are recorded in the
     ledger), or None when this plugin does not handle ``fmt``. ``result.provenance`` holds
     the provenance with the final infotext under ``"infotext"``. Write atomically
-    (``render.output.atomic_write``). The core handles png, webp and jpg.
+    (``atomic_write`` from ``render.api``). The core handles png, webp and jpg.
     """
 
 
 # -- report ----------------------------------------------------------------------------------
 @hookspec
-def run_finished(run: Any) -> None:
+def run_finished(run: RunReport) -> None:
     """Called once after the last write, also for partial or failed runs.
 
     ``run`` is a ``render.api.RunReport`` (output roots, ledgers, jobs, counts, sheets). Grid sheets

@@ -63,8 +63,7 @@ class Plugins:
     failures: list[PluginFailure] = field(default_factory=list)
     sources: dict[str, str] = field(default_factory=dict)   # plugin name -> file or dist
     _fields: dict[tuple[str, str], FieldSpec] | None = None
-    _kinds: dict[str, Any] | None = None
-    _owners: dict[str, str] = field(default_factory=dict)   # kind name -> plugin name
+    _kinds: dict[str, tuple[str, Any]] | None = None   # kind name -> (plugin, ModelKind)
 
     @property
     def hook(self) -> Any:
@@ -80,12 +79,12 @@ class Plugins:
         """Every registered kind of model file, ``{name: ModelKind}`` (collected at load)."""
         if self._kinds is None:
             self._kinds = _collect_kinds(self)
-        return self._kinds
+        return {name: kind for name, (_, kind) in self._kinds.items()}
 
     def kinds_of(self, plugin_name: str) -> list[str]:
         """The kinds of model file ``plugin_name`` registered."""
         self.kinds()
-        return sorted(k for k, owner in self._owners.items() if owner == plugin_name)
+        return sorted(k for k, (owner, _) in (self._kinds or {}).items() if owner == plugin_name)
 
     def unload(self, name: str, error: str) -> None:
         """Take a plugin out, with the reason, and forget every key and kind it registered."""
@@ -96,8 +95,7 @@ class Plugins:
         if self._fields is not None:
             self._fields = {k: s for k, s in self._fields.items() if s.plugin != name}
         if self._kinds is not None:
-            self._kinds = {k: v for k, v in self._kinds.items() if self._owners.get(k) != name}
-
+            self._kinds = {k: v for k, v in self._kinds.items() if v[0] != name}
 
     def ordered(self, hook_name: str) -> list[tuple[str, Callable[..., Any]]]:
         """``(plugin name, function)`` of a hook in pluggy's call order: ``tryfirst`` first,
@@ -300,7 +298,7 @@ def _collect_fields(plugins: Plugins) -> dict[tuple[str, str], FieldSpec]:
             _gather(plugins, "register_task_fields", "key", make_register).items()}
 
 
-def _collect_kinds(plugins: Plugins) -> dict[str, Any]:
+def _collect_kinds(plugins: Plugins) -> dict[str, tuple[str, Any]]:
     from render.kinds import ModelKind
 
     def make_register(add: Callable[[Any, str, Any], None], name: str) -> Callable[..., None]:
@@ -310,9 +308,7 @@ def _collect_kinds(plugins: Plugins) -> dict[str, Any]:
             add(kind.name, kind.name, kind)
         return register
 
-    gathered = _gather(plugins, "register_model_kinds", "model kind", make_register)
-    plugins._owners = {name: owner for name, (owner, _) in gathered.items()}
-    return {name: kind for name, (_, kind) in gathered.items()}
+    return _gather(plugins, "register_model_kinds", "model kind", make_register)
 
 
 def hook_names() -> list[str]:

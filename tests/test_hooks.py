@@ -49,6 +49,26 @@ def test_register_task_fields_claims_the_key(run):
     assert run[1]["register_task_fields"]
 
 
+def test_register_model_kinds_adds_a_kind():
+    from render.plugins import load_plugins
+
+    plugins = load_plugins([PLUGIN_DIR])
+    assert plugins.kinds()["tint_palette"].folders == ("palettes",)
+    assert plugins.kinds_of("tint") == ["tint_palette"]
+
+
+def test_the_fixture_implements_every_hook_so_this_file_exercises_each():
+    """datasette's rule: every hook spec is documented (test_plugins) and exercised (here)."""
+    import ast
+
+    from render.plugins import hook_names
+
+    tree = ast.parse((PLUGIN_DIR / "tint.py").read_text())
+    implemented = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)
+                   and any(getattr(d, "id", None) == "hookimpl" for d in node.decorator_list)}
+    assert implemented == set(hook_names())
+
+
 def test_expand_task_rewrites_tasks(run):
     _, calls, out = run
     assert calls["expand_task"] == [0, 1]
