@@ -473,8 +473,10 @@ class Engine:
         pipe.scheduler = self._scheduler(first, res)
         self.pm.hook.configure_pipeline(pipe=pipe, batch=batch)
         results: list[Result] = []
-        # A pipeline call takes one strength: tasks that differ in it go in separate calls.
-        for group in _groups_by(tasks, lambda t: t.strength):
+        # A pipeline call takes one strength, and pads every prompt to the longest one's
+        # chunk count (which would change a short prompt's image): tasks that differ in
+        # either go in separate calls, so a task's pixels never depend on its neighbours.
+        for group in _groups_by(tasks, lambda t: (t.strength, self._chunks(pipe, t))):
             notes: list[str] = []
             out = self._render_fitting(res, pipe, group, notes)
             for task, (images, timing, call_notes) in zip(group, out, strict=True):
@@ -483,7 +485,15 @@ class Engine:
                 all_notes = [*res.notes, *notes, *call_notes]
                 results.append(Result(task=task, images=images, timings=timings,
                                       notes=list(dict.fromkeys(all_notes))))
-        return results
+        order = {id(task): i for i, task in enumerate(tasks)}
+        return sorted(results, key=lambda r: order[id(r.task)])
+
+    @staticmethod
+    def _chunks(pipe: Any, task: Task) -> int:
+        from render.prompts import conditioning_chunks
+
+        return conditioning_chunks(pipe, strip_extra_networks(task.prompt),
+                                   strip_extra_networks(task.negative), clip_skip=task.clip_skip)
 
     def _scheduler(self, task: Task, res: Resident) -> Any:
         from render.samplers import make_scheduler

@@ -376,6 +376,20 @@ def _encoders(pipe: Any, clip_skip: int) -> list[_Encoder]:
     ]
 
 
+def conditioning_chunks(pipe: Any, prompt: str, negative: str, *, clip_skip: int = 1) -> int:
+    """How many 75-token chunks one task's conditioning has when encoded on its own.
+
+    :func:`encode_prompts` pads a batch to its longest prompt; a short prompt padded with
+    empty chunks gives another image, so tasks with different counts must not share a
+    pipeline call (the engine groups by this). Tokenizes only; encodes nothing.
+    """
+    encoders = _encoders(pipe, clip_skip)
+    zero_empty = _is_sdxl(pipe) and bool(getattr(pipe.config, "force_zeros_for_empty_prompt",
+                                                 False))
+    texts = [prompt] if zero_empty and negative == "" else [prompt, negative]
+    return max(len(enc.chunks(parse_attention(text))) for text in texts for enc in encoders)
+
+
 def encode_prompts(
     pipe: Any, prompts: list[str], negatives: list[str], *, clip_skip: int = 1
 ) -> dict[str, Any]:

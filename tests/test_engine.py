@@ -449,3 +449,24 @@ def test_half_precision_views_keep_dtype(kit: Path, refs: dict) -> None:
 def test_import_without_torch() -> None:
     code = "import sys, render.engine; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+LONG = ", ".join(["a very detailed painting of a house"] * 12)   # 96 tokens: two chunks
+
+
+@pytest.mark.parametrize(("model", "long_field"), [
+    ("tiny-sd15", "prompt"), ("tiny-sd15", "negative"), ("tiny-sdxl", "prompt")])
+def test_a_task_renders_the_same_whatever_its_batch_neighbours(
+        engine: Any, resolver: ModelResolver, model: str, long_field: str) -> None:
+    """A short prompt batched with a long one must not be padded to the long one's chunks
+    (it was: 115/255 off on tiny-sd15). Equal chunk counts still share one call."""
+    short = make(resolver, model=model, seed=21, prompt="a small red house")
+    long = make(resolver, model=model, seed=22, **{long_field: LONG})
+    broken = make(resolver, model=model, seed=23, prompt="a blue barn BREAK at night")
+    short_too = make(resolver, model=model, seed=24, prompt="a green shed")
+    alone, = render(engine, short)
+    together = render(engine, short, long, broken, short_too)
+    assert [r.task for r in together] == [short, long, broken, short_too]
+    assert [r.timings["batch"] for r in together] == [2, 2, 2, 2]   # (short, short_too), ...
+    assert diff(alone, together[0]) <= 1     # the CPU's batch-size float noise, at most
+    assert diff(render(engine, long)[0], together[1]) <= 1
