@@ -18,7 +18,7 @@ rescales it to -1..1, so any brightness range works; 16-bit PNGs keep their prec
 init image is resized to the task's size (A1111's "Just resize").
 
 A model without a depth UNet cannot take ``depth:``: preflight says so and points to a
-ControlNet unit with a depth preprocessor (``plugins/controlnet.py``: ``preprocessor: depth``
+ControlNet unit with a depth preprocessor (``plugins/controlnet/``: ``preprocessor: depth``
 with MiDaS weights, or ``depth_anything`` with a transformers folder), which works with any
 SD1.x/SDXL model. ``depth:`` and ``controlnet:`` do not combine (diffusers has no depth
 ControlNet pipeline), and ``depth:`` brings its own image, so the task's ``image:``/``mask:``

@@ -4,6 +4,7 @@ working directory, with no checkout around."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -30,13 +31,26 @@ def builtin_plugin_names() -> set[str]:
     return {n for n in names if not n.startswith("_")}
 
 
+def source_copy(target: Path) -> Path:
+    """The checkout's files (tracked, or new and not ignored) copied to ``target``, so a
+    stale ``build/`` folder of the checkout cannot leak old files into the wheel."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
+                            check=True, capture_output=True, text=True).stdout.split("\0")
+    for rel in filter(None, listed):
+        if (ROOT / rel).is_file():
+            (target / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, target / rel)
+    return target
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The project's wheel, built from this checkout with the locked setuptools."""
+    """The project's wheel, built from the checkout's files with the locked setuptools."""
     out = tmp_path_factory.mktemp("dist")
+    source = source_copy(tmp_path_factory.mktemp("source"))
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-         "--wheel-dir", str(out), str(ROOT)],
+         "--wheel-dir", str(out), str(source)],
         check=True, capture_output=True, text=True, timeout=300,
     )
     (built,) = out.glob("render-*.whl")

@@ -25,8 +25,10 @@ def test_builtins_are_the_repository_plugin_files_loaded_like_user_plugins():
     """In a checkout (editable install) they load from the top-level plugins/ folder."""
     plugins = load_plugins()
     folder = Path(__file__).resolve().parent.parent / "plugins"
-    for name in ("lora", "embeddings", "controlnet", "depth"):
-        assert plugins.sources[name] == str(folder / f"{name}.py")
+    files = {"lora": "lora.py", "embeddings": "embeddings.py",
+             "controlnet": "controlnet/__init__.py", "depth": "depth.py"}
+    for name, file in files.items():
+        assert plugins.sources[name] == str(folder / file)
     keys = {key for (_, key) in plugins.fields()}
     assert {"lora", "embeddings", "controlnet", "depth", "save_control"} <= keys
     assert not plugins.failures

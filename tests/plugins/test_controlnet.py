@@ -1,4 +1,4 @@
-"""plugins/controlnet.py on the tiny kit, through the real stages: job file -> expand ->
+"""plugins/controlnet/ on the tiny kit, through the real stages: job file -> expand ->
 preflight -> batches -> Engine (from_pipe views, task_inputs) -> result_metadata/postprocess.
 
 The plugin is loaded by file path exactly as the CLI loads built-ins (only it and depth.py,
@@ -30,7 +30,7 @@ defaults: {{model: tiny-sd15, size: 64x64, steps: 3, sampler: Euler a, seed: 1}}
 def cn(plugins):
     """The loaded plugin module (its caches and counters)."""
     module = plugins.pm.get_plugin("controlnet")
-    module.clear_caches()
+    module.inputs.clear_caches()
     return module
 
 
@@ -206,7 +206,7 @@ def test_missing_openpose_weights_lists_every_file(tmp_path, kit, refs, plugins)
 
 def test_preprocessor_without_controlnet_aux_is_a_preflight_error(tmp_path, kit, refs, plugins,
                                                                   cn, monkeypatch):
-    monkeypatch.setattr(cn, "_have_aux", lambda: False)
+    monkeypatch.setattr(cn.preprocessors, "_have_aux", lambda: False)
     path = job(tmp_path, kit, f"""jobs:
   - name: edges
     controlnet: [{unit(refs)}]
@@ -433,7 +433,7 @@ def test_canny_thresholds_change_the_control_image(tmp_path, kit, refs, plugins,
       controlnet.0.high: [200, 20]
 """)
     tasks = plan(path, plugins)
-    maps = [np.asarray(cn.control_image(t, 0, t.sections["controlnet"][0])) for t in tasks]
+    maps = [np.asarray(cn.inputs.control_image(t, 0, t.sections["controlnet"][0])) for t in tasks]
     assert maps[0].shape == (64, 64, 3)
     strict, loose = (maps[0] > 127).sum(), (maps[3] > 127).sum()
     assert loose > strict  # a smooth ramp is an edge only for low thresholds
@@ -443,9 +443,10 @@ def test_canny_thresholds_change_the_control_image(tmp_path, kit, refs, plugins,
 def test_preprocessed_image_is_computed_once_across_grid_cells(tmp_path, kit, refs, plugins, cn,
                                                                 engine, monkeypatch):
     calls = []
-    original = cn._RUNNERS["canny"]
-    monkeypatch.setitem(cn._RUNNERS, "canny", lambda run: calls.append(run) or original(run))
-    cn.clear_caches()
+    original = cn.preprocessors.RUNNERS["canny"]
+    monkeypatch.setitem(cn.preprocessors.RUNNERS, "canny",
+                        lambda run: calls.append(run) or original(run))
+    cn.inputs.clear_caches()
     path = job(tmp_path, kit, f"""jobs:
   - name: cells
     prompt: a house
@@ -458,7 +459,7 @@ def test_preprocessed_image_is_computed_once_across_grid_cells(tmp_path, kit, re
     tasks = plan(path, plugins)
     render(engine, plugins, tasks, batch_size=0)
     assert len(calls) == 1
-    assert cn.STATS["runs"] == 1 and cn.STATS["hits"] >= 3
+    assert cn.inputs.STATS["runs"] == 1 and cn.inputs.STATS["hits"] >= 3
 
 
 def test_shuffle_is_seeded_by_the_task(tmp_path, kit, refs, plugins, cn):
@@ -469,7 +470,7 @@ def test_shuffle_is_seeded_by_the_task(tmp_path, kit, refs, plugins, cn):
     seeds: [1, 1, 2]
     controlnet: [{unit(refs, preprocessor="shuffle")}]
 """)
-    a, b, c = (np.asarray(cn.control_image(t, 0, t.sections["controlnet"][0]))
+    a, b, c = (np.asarray(cn.inputs.control_image(t, 0, t.sections["controlnet"][0]))
                for t in plan(path, plugins))
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
@@ -495,7 +496,7 @@ def test_weights_load_from_a1111_extension_downloads(tmp_path, kit, refs, plugin
     tasks = plan(path, plugins)
     assert tasks[1].files["controlnet:0:annotator:table5_pidinet.pth"].path == \
         str(downloads / "table5_pidinet.pth")
-    edges = cn.control_image(tasks[1], 0, tasks[1].sections["controlnet"][0])
+    edges = cn.inputs.control_image(tasks[1], 0, tasks[1].sections["controlnet"][0])
     assert edges.size == (64, 64)
     images = render(engine, plugins, tasks)
     assert diff(images[0], images[1]) > 5
@@ -519,7 +520,7 @@ def test_depth_anything_preprocessor_from_a_transformers_folder(tmp_path, kit, r
       controlnet.0.scale: [0, 1]
 """, dirs=[kit, models])
     tasks = plan(path, plugins)
-    depth = np.asarray(cn.control_image(tasks[1], 0, tasks[1].sections["controlnet"][0]))
+    depth = np.asarray(cn.inputs.control_image(tasks[1], 0, tasks[1].sections["controlnet"][0]))
     assert depth.shape == (64, 64, 3) and depth.min() == 0 and depth.max() == 255
     assert np.array_equal(depth[..., 0], depth[..., 2])  # grey: one channel repeated
     images = render(engine, plugins, tasks)
