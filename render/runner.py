@@ -175,7 +175,8 @@ class Runner:
             for batch in batches:
                 if self.stop.is_set():
                     break
-                self.progress.start(batch.first.job)
+                # No "started" line here: the writer announces a job with its first written
+                # image, so every count a line shows is what is on disk at that moment.
                 for result in self._render_batch(batch):
                     result = self._postprocess(result)
                     if result is None:

@@ -198,3 +198,20 @@ def test_two_jobs_asking_for_the_same_pixels_each_get_their_file(tmp_path, kit):
     again = cli(str(job))
     stdout, stderr = again.communicate(timeout=300)
     assert "skipped 3 already done" in stdout + stderr
+
+
+def test_progress_counts_what_is_written_when_it_is_written(tmp_path, kit, capsys, one_thread):
+    """With a slow disk, job b starts rendering while a's images still wait for the writer;
+    its "started" line must not count them as done before they are (it said 2/4 with 4 on
+    disk a moment later)."""
+    from render.cli import main
+
+    job = write_job(tmp_path, kit, "jobs:\n  - {name: a, prompt: a barn, seeds: 2}\n"
+                                   "  - {name: b, prompt: a boat, seeds: 2}\n")
+    code = main([str(job), "--plugins-dir", str(SLOW_WRITER), "--batch-size", "2"])
+    assert code == 0
+    captured = capsys.readouterr()
+    lines = [line for line in (captured.out + captured.err).splitlines() if "] " in line]
+    started_b = next(line for line in lines if "[b] started" in line)
+    assert "[b] started, 2/4 done" in started_b
+    assert lines[-1].endswith("4/4 done, " + lines[-1].split("4/4 done, ")[1])
