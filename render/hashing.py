@@ -195,3 +195,18 @@ def per_file_version(inspect: Callable[[Path], _Info]) -> Callable[[Path], _Info
         return cache[key]
 
     return cached
+
+
+def legacy_model_hash(path: str | Path) -> str:
+    """A1111's old short model hash: sha256 of the 64 KiB at 1 MiB into the file, 8 hex
+    digits (what old infotexts and sd-webui-controlnet show); a folder's largest weight file.
+    Cheap: it reads 64 KiB."""
+    path = Path(path)
+    if path.is_dir():
+        weights = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in WEIGHT_EXTS]
+        if not weights:
+            return ""
+        path = max(weights, key=lambda p: (p.stat().st_size, p.name))
+    with open(path, "rb") as fh:
+        fh.seek(0x100000)
+        return hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]

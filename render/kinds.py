@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from render.hookspecs import hookimpl
 from render.weights import WEIGHT_EXTS
 
-_HASH_SPEC = re.compile(r"^(sha256|addnet)(?::(\d+))?$")
+_HASH_SPEC = re.compile(r"^(sha256|addnet|legacy)(?::(\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,9 @@ class ModelKind:
       Diffusers folders (``config.json`` / ``model_index.json``) always match.
     - ``family``: read sd1/sd2/sdxl from the tensor shapes, so preflight can refuse an SDXL
       file on an SD1.5 model.
-    - ``hashes``: extra hash fields the ``FileRef`` carries, name -> ``"sha256[:N]"`` or
-      ``"addnet[:N]"`` (A1111's hash of a LoRA's tensors, after the safetensors header).
+    - ``hashes``: extra hash fields the ``FileRef`` carries, name -> ``"sha256[:N]"``,
+      ``"addnet[:N]"`` (A1111's hash of a LoRA's tensors, after the safetensors header) or
+      ``"legacy"`` (A1111's old 8-digit model hash, still shown by sd-webui-controlnet).
     - ``infotext``: the A1111 infotext field the plugin writes those hashes to (for
       ``--list-plugins`` and the README; the plugin writes the field itself).
     """
@@ -61,7 +62,7 @@ class ModelKind:
         for label, spec in self.hashes.items():
             if not _HASH_SPEC.match(spec):
                 raise ValueError(f"model kind {self.name!r}: hash {label!r} must be "
-                                 f"'sha256[:N]' or 'addnet[:N]', got {spec!r}")
+                                 f"'sha256[:N]', 'addnet[:N]' or 'legacy', got {spec!r}")
 
 
 def hash_spec(spec: str) -> tuple[str, int | None]:

@@ -32,7 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from render.errors import FieldError
-from render.hashing import HashCache, file_sha256, folder_files, lora_full_hash
+from render.hashing import (
+    HashCache,
+    file_sha256,
+    folder_files,
+    legacy_model_hash,
+    lora_full_hash,
+)
 from render.kinds import ModelKind, hash_spec
 from render.tasks import FileRef
 from render.weights import (
@@ -335,6 +341,9 @@ class ModelResolver:
             algo, length = hash_spec(hash_of)
             if algo == "addnet" and not path.is_file():
                 continue   # A1111's LoRA hash is defined for single files only
+            if algo == "legacy":
+                extra[label] = legacy_model_hash(path)
+                continue
             full = lora_full_hash(path, self.hash_cache) if algo == "addnet" else sha
             extra[label] = full[:length] if length else full
         if (self.alias(kind, name) or {}).get("allow_pickle") is True:

@@ -95,8 +95,9 @@ from .schema import (
 
 @hookimpl
 def register_model_kinds(register: Any) -> None:
+    # sd-webui-controlnet shows A1111's old 8-digit hash after the model's name.
     register(ModelKind("controlnet", folders=("ControlNet", "controlnet"), family=True,
-                       infotext="ControlNet 0"))
+                       hashes={"a1111_hash": "legacy"}, infotext="ControlNet 0"))
     # Preprocessor weights; found by file name in these folders (see annotator_roots).
     register(ModelKind("annotator", folders=("annotator", "Annotators", "ControlNetPreprocessor")))
 

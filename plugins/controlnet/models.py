@@ -4,7 +4,6 @@ hash), loaded offline (a single file gets a synthesised config), and put togethe
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import inspect
 import json
@@ -49,23 +48,7 @@ def controlnet_ref(task: Any, models: Any, index: int, unit: Mapping[str, Any]) 
     problem = _family_problem(name, path, ref, task)
     if problem:
         raise FieldError(problem, f"{index}.model")
-    return dataclasses.replace(
-        ref, extra={**dict(ref.extra or {}), "a1111_hash": a1111_model_hash(path)})
-
-
-def a1111_model_hash(path: Path) -> str:
-    """A1111's short ``model_hash`` (sha256 of 64 KiB at offset 1 MiB, 8 hex digits) that
-    sd-webui-controlnet writes after a model's name; a folder's largest weight file."""
-    path = Path(path)
-    if path.is_dir():
-        weights = [p for p in path.iterdir() if p.is_file()
-                   and p.suffix.lower() in (".safetensors", ".bin", ".ckpt", ".pt", ".pth")]
-        if not weights:
-            return ""
-        path = max(weights, key=lambda p: (p.stat().st_size, p.name))
-    with open(path, "rb") as fh:
-        fh.seek(0x100000)
-        return hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
+    return ref
 
 
 def _signature(path: Path) -> tuple[int | None, bool] | None:

@@ -69,6 +69,11 @@ Reference images for img2img, inpainting, ControlNet and depth (64x64 PNGs, dete
 
     kit.write_reference_images(tmp_path)   # house.png gradient.png mask.png checker.png
 
+Hypernetworks (A1111 ``.pt``, or flattened ``.safetensors``) are not part of the kit build;
+write one where a test needs it (32-wide modules fit ``tiny-sd15``, 80-wide ``tiny-sdxl``)::
+
+    kit.write_hypernetwork(tmp_path / "hypernetworks" / "tiny-hn.pt", widths=(32,))
+
 Command line: ``python -m render.testing models DIR`` (add ``--force`` to rebuild) and
 ``python -m render.testing images DIR``.
 
@@ -96,6 +101,7 @@ __all__ = [
     "pixel_diff",
     "tiny_pipeline",
     "tiny_render",
+    "write_hypernetwork",
     "write_reference_images",
 ]
 
@@ -254,3 +260,21 @@ def write_reference_images(folder: str | Path, size: int = 64) -> dict[str, Path
     from .images import write_reference_images as _write
 
     return _write(folder, size)
+
+
+def write_hypernetwork(
+    path: str | Path,
+    widths: tuple[int, ...] = (32,),
+    layer_structure: tuple[float, ...] = (1, 2, 1),
+    seed: int = 0,
+    scale: float | None = None,
+    **options: Any,
+) -> Path:
+    """Write a random A1111 hypernetwork to ``path`` (``.pt``, or flattened ``.safetensors``)
+    that visibly changes a 64x64 ``tiny-sd15`` render at strength 1; see
+    :func:`render.testing.hypernetworks.write_hypernetwork` for ``options``."""
+    from .hypernetworks import HYPERNETWORK_SCALE
+    from .hypernetworks import write_hypernetwork as _write
+
+    return _write(path, widths, layer_structure, seed,
+                  HYPERNETWORK_SCALE if scale is None else scale, **options)

@@ -74,7 +74,7 @@ def test_names_in_prompts_are_found_as_whole_words(job: Any, plugins: Any) -> No
           - name: inside
             prompt: "a tiny-embroidery house, xtiny-emb"
           - name: tag
-            prompt: "a house <hypernet:tiny-emb:1>"
+            prompt: "a house <othernet:tiny-emb:1>"   # a tag no plugin owns
           - name: negative
             negative: "tiny-emb, lowres"
           - name: listed
