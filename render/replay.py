@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from render.errors import UserError
+from render.errors import EXIT_FAILED, EXIT_OK, UserError
 from render.tasks import Batch, Task, task_from_json
 
 
@@ -72,5 +72,34 @@ def replay_image(args: Any) -> int:
         infotext=prov.get("infotext", ""))
     new_prov["replay_of"] = str(image)
     atomic_write(target, lambda p: metadata.save_image(result.images[0], p, "png", new_prov))
-    print(f"replayed {image} -> {target}")
-    return 0
+    verdict, within = compare(image, result.images[0])
+    print(f"replayed {image} -> {target}: {verdict}")
+    return EXIT_OK if within else EXIT_FAILED
+
+
+#: What "the same image" means: the same task in another batch, or alone, may differ by float
+#: noise of the batch size (at most 1/255 in a few pixels on the CPU).
+TOLERANCE = 1
+
+
+def compare(original: str, replayed: Any) -> tuple[str, bool]:
+    """How the replay's pixels compare with the original's, and whether they are within
+    :data:`TOLERANCE`; a lossy original (jpg, webp) cannot be compared pixel for pixel."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(original) as im:
+        if im.format != "PNG":
+            return f"not compared: the original is {im.format}, a lossy format", True
+        before = np.asarray(im.convert("RGB"), dtype=np.int16)
+    after = np.asarray(replayed.convert("RGB"), dtype=np.int16)
+    if before.shape != after.shape:
+        return f"a different size ({after.shape[1]}x{after.shape[0]})", False
+    worst = int(np.abs(before - after).max())
+    if worst == 0:
+        return "identical pixels", True
+    if worst <= TOLERANCE:
+        return (f"max difference {worst}/255, within the {TOLERANCE}/255 tolerance (float "
+                "noise of the batch size)"), True
+    return (f"max difference {worst}/255, beyond the {TOLERANCE}/255 tolerance: other "
+            "hardware or library versions than the provenance records?"), False

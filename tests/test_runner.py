@@ -152,8 +152,9 @@ def test_replay_reproduces_the_image(tmp_path, kit):
     (original,) = (tmp_path / "out" / "k").glob("*.png")
     replay_dir = tmp_path / "replay"
     proc = cli("--replay", str(original), "--out", str(replay_dir))
-    _, stderr = proc.communicate(timeout=300)
+    stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
+    assert stdout.strip().endswith(": identical pixels")   # one task, rendered alone both times
     (copy,) = replay_dir.glob("*.png")
     a = np.asarray(Image.open(original).convert("RGB"), dtype=int)
     b = np.asarray(Image.open(copy).convert("RGB"), dtype=int)
@@ -215,3 +216,22 @@ def test_progress_counts_what_is_written_when_it_is_written(tmp_path, kit, capsy
     started_b = next(line for line in lines if "[b] started" in line)
     assert "[b] started, 2/4 done" in started_b
     assert lines[-1].endswith("4/4 done, " + lines[-1].split("4/4 done, ")[1])
+
+
+def test_replay_says_which_tolerance_it_met(tmp_path):
+    from PIL import Image
+
+    from render.replay import compare
+
+    base = np.zeros((8, 8, 3), dtype=np.uint8)
+    original = tmp_path / "o.png"
+    Image.fromarray(base).save(original)
+    near, far = base.copy(), base.copy()
+    near[0, 0, 0], far[0, 0, 0] = 1, 3
+    assert compare(str(original), Image.fromarray(base)) == ("identical pixels", True)
+    verdict, ok = compare(str(original), Image.fromarray(near))
+    assert ok and verdict.startswith("max difference 1/255, within the 1/255 tolerance")
+    verdict, ok = compare(str(original), Image.fromarray(far))
+    assert not ok and verdict.startswith("max difference 3/255, beyond")
+    Image.fromarray(base).save(tmp_path / "o.jpg")
+    assert compare(str(tmp_path / "o.jpg"), Image.fromarray(far))[1]
