@@ -76,11 +76,12 @@ every tag out of the text the encoder sees.
 Infotext: older A1111 wrote ``Hypernet: <name>``, ``Hypernet hash: <hash>`` and ``Hypernet
 strength: <s>``; A1111 today writes none, the tags in the prompt say it all, and when it pastes
 an infotext with ``Hypernet:`` it appends ``<hypernet:name:strength>`` to the prompt. So the
-fields are written for the first hypernetwork of the section that the prompt does not already
-tag (at a strength other than 0): a tagged one would then be applied twice. The hash is the one
-old A1111 wrote, its legacy model hash (sha256 of the 64 KiB at 1 MiB into the file, 8 hex
-digits). A stack with more than one untagged entry has no A1111 form: the fields name the first;
-the whole stack, with each file's sha256, is in the task id and the provenance.
+fields are written for the last hypernetwork of the section that the prompt does not already
+tag (at a strength other than 0): a tagged one would then be applied twice. The infotext's
+prompt gets a tag for every other untagged one (``infotext_prompt``), so a paste rebuilds the
+stack in the order it rendered: the prompt's tags, those, then the one A1111 appends. The hash
+is the one old A1111 wrote, its legacy model hash (sha256 of the 64 KiB at 1 MiB into the file,
+8 hex digits); every file's sha256 is in the task id and the provenance.
 
 The normalised section (``task.sections["hypernetwork"]``) is a tuple of ``(name, strength)``
 pairs in the order they apply, strengths as floats: order matters, and a mapping's order would
@@ -700,16 +701,33 @@ def _build(info: HypernetInfo, width: int, state: Mapping[str, Any]) -> Any:
 
 # -- write: infotext ------------------------------------------------------------------------------
 
+def untagged(task: Task) -> list[tuple[str, float]]:
+    """The section's hypernetworks (strength not 0) that the prompt does not tag, in order."""
+    tagged = {name for name, _ in inline_hypernetworks(task.prompt)[0]}
+    return [(name, float(strength)) for name, strength in task.sections.get(KEY) or ()
+            if name not in tagged and strength != 0]
+
+
+@hookimpl
+def infotext_prompt(task: Task, prompt: str) -> str | None:
+    """A tag for every untagged hypernetwork but the last, which the ``Hypernet`` fields
+    describe: A1111 appends that one as a tag when it pastes the infotext, after these, so
+    the stack comes back in the order it rendered in."""
+    rest = untagged(task)[:-1]
+    if not rest:
+        return None
+    return prompt + "".join(f" <{TAG}:{name}:{format_number(s)}>" for name, s in rest)
+
+
 @hookimpl
 def result_metadata(task: Task, result: Result) -> dict[str, str] | None:
-    """Old A1111's ``Hypernet``, ``Hypernet hash`` and ``Hypernet strength`` for the first
-    hypernetwork the prompt does not tag (see the module docstring)."""
-    tagged = {name for name, _ in inline_hypernetworks(task.prompt)[0]}
-    for name, strength in task.sections.get(KEY) or ():
-        if name in tagged or strength == 0:
-            continue
-        ref = task.files.get(f"{KEY}:{name}")
-        return {"Hypernet": name,
-                "Hypernet hash": (ref.extra.get("a1111_hash") if ref else None) or None,
-                "Hypernet strength": format_number(float(strength))}
-    return None
+    """Old A1111's ``Hypernet``, ``Hypernet hash`` and ``Hypernet strength`` for the last
+    hypernetwork the prompt does not tag (the others are tags: see ``infotext_prompt``)."""
+    rest = untagged(task)
+    if not rest:
+        return None
+    name, strength = rest[-1]
+    ref = task.files.get(f"{KEY}:{name}")
+    return {"Hypernet": name,
+            "Hypernet hash": (ref.extra.get("a1111_hash") if ref else None) or None,
+            "Hypernet strength": format_number(strength)}

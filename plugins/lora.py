@@ -94,6 +94,7 @@ from render.api import (
     expect_number,
     extra_network_tags,
     family_text,
+    format_number,
     hookimpl,
     load_state_dict,
     per_file_version,
@@ -629,6 +630,35 @@ def _quiet() -> Iterator[None]:
 
 
 # -- write: infotext -----------------------------------------------------------------------------
+
+def lora_tag(name: str, weights: Mapping[str, float]) -> str:
+    """A1111's tag for a LoRA at these weights: ``<lora:name:w>`` or ``<lora:name:te:unet>``."""
+    te, unet = format_number(weights["te"]), format_number(weights["unet"])
+    return f"<lora:{name}:{te}>" if te == unet else f"<lora:{name}:{te}:{unet}>"
+
+
+@hookimpl
+def infotext_prompt(task: Task, prompt: str) -> str | None:
+    """The prompt as A1111 rebuilds the stack from it: the tags as written, a tag whose
+    weights a grid axis changed rewritten to what rendered, and a tag appended for every
+    LoRA only the section (or an axis) names. Appended after a space: the engine takes tags
+    out of the encoder's text, and ``a house `` encodes like ``a house``."""
+    section = task.sections.get(KEY) or {}
+    if not section:
+        return None
+    text = prompt
+    for match in reversed(extra_network_tags(prompt, "lora", "lyco")):
+        try:
+            name, weights = parse_tag(match.group(2))
+        except ValueError:
+            continue
+        if name in section and section[name] != weights:
+            text = text[:match.start()] + lora_tag(name, section[name]) + text[match.end():]
+    tagged, _ = inline_loras(prompt)
+    text += "".join(f" {lora_tag(name, section[name])}" for name in section
+                    if name not in tagged)
+    return None if text == prompt else text
+
 
 @hookimpl
 def result_metadata(task: Task, result: Result) -> dict[str, str] | None:

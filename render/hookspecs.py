@@ -172,6 +172,23 @@ def result_metadata(task: Task, result: Result) -> dict[str, str] | None:
     """
 
 
+@hookspec
+def infotext_prompt(task: Task, prompt: str) -> str | None:
+    """The prompt line of the A1111 infotext; return it with your tags added, or None.
+
+    A1111 and civitai rebuild an image's networks from the ``<lora:name:w>`` tags in its
+    prompt, so a plugin whose section (or a grid axis) added a network the prompt does not tag
+    writes the tag here, with its effective weight: "send to txt2img" then renders the same
+    image. Chained in call order, each implementation gets the previous one's prompt.
+    Example::
+
+        @hookimpl
+        def infotext_prompt(task, prompt):
+            missing = [n for n in task.sections.get("lora") or {} if f"<lora:{n}:" not in prompt]
+            return prompt + "".join(f" <lora:{n}:1>" for n in missing) if missing else None
+    """
+
+
 @hookspec(firstresult=True)
 def write_output(result: Result, path: Path, fmt: str) -> list[Path] | None:
     """Write ``result`` to ``path`` (extension already set) in format ``fmt``.

@@ -102,12 +102,14 @@ def infotext(
     vae_hash: str | None = None,
     extra: Mapping[str, str] | None = None,
     version: str,
+    prompt: str | None = None,
 ) -> str:
     """The A1111 infotext of one task, byte for byte as A1111 would write it.
 
     ``version`` is written as given (``"render 0.1.0"``). ``extra`` holds the fields of the
     ``result_metadata`` hooks in plugin order (values are strings; see ``quote``). A value of
-    ``None`` in ``extra`` drops that field, as in A1111.
+    ``None`` in ``extra`` drops that field, as in A1111. ``prompt`` replaces the task's prompt
+    (the ``infotext_prompt`` hooks add the tags of networks a section added).
     """
     fields: dict[str, str | None] = dict.fromkeys(CORE_ORDER)
     fields["Steps"] = str(task.steps)
@@ -139,7 +141,7 @@ def infotext(
         # A1111 writes a bare key when the value equals it.
         parts.append(key if key == value else f"{key}: {quote(value)}")
     negative = f"\n{NEGATIVE_PREFIX} {task.negative}" if task.negative else ""
-    return f"{task.prompt}{negative}\n{', '.join(parts)}".strip()
+    return f"{task.prompt if prompt is None else prompt}{negative}\n{', '.join(parts)}".strip()
 
 
 def _scan_params(line: str) -> list[tuple[str, str]]:
@@ -385,13 +387,14 @@ def _user_comment(im: Any) -> str | None:
         return raw.decode("utf-8", errors="ignore") or None
 
 
-def describe_result(result: Result, hook: Any, versions: dict[str, str],
+def describe_result(result: Result, plugins: Any, versions: dict[str, str],
                     device: str) -> tuple[str, dict[str, Any]]:
-    """The infotext and provenance of one result: the core's fields, then every plugin's
-    ``result_metadata`` in call order, then the render notes (an OOM retry's savers)."""
+    """The infotext and provenance of one result: the prompt as the ``infotext_prompt`` hooks
+    complete it, the core's fields, then every plugin's ``result_metadata`` in call order,
+    then the render notes (an OOM retry's savers)."""
     task = result.task
     extra: dict[str, str] = {}
-    for fields in hook.result_metadata(task=task, result=result):
+    for fields in plugins.hook.result_metadata(task=task, result=result):
         if fields:
             extra.update(fields)
     if result.notes:
@@ -406,6 +409,7 @@ def describe_result(result: Result, hook: Any, versions: dict[str, str],
         vae_hash=vae.short_hash if vae else None,
         extra=extra,
         version=f"render {__version__}",
+        prompt=plugins.chain("infotext_prompt", "prompt", task.prompt, task=task),
     )
     prov = provenance(task, versions=versions, device=device, timings=result.timings,
                       infotext=text)

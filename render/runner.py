@@ -239,7 +239,7 @@ class Runner:
             root = self.roots[task.job]
             path = self._path_for(task)
             versions, device = self._environment()
-            infotext, prov = metadata.describe_result(result, self.hook, versions, device)
+            infotext, prov = metadata.describe_result(result, self.plugins, versions, device)
             result = dataclasses.replace(result, provenance=prov)
             start = time.monotonic()
             written = self.hook.write_output(result=result, path=path, fmt=job.output.format)

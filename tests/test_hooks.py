@@ -108,6 +108,15 @@ def test_result_metadata_reaches_the_infotext(run):
     assert fields["Tint"] == "0.5"
 
 
+def test_infotext_prompt_adds_the_plugins_tag(run):
+    _, calls, out = run
+    assert sorted(calls["infotext_prompt"]) == [0, 1]
+    prompt, _, _ = metadata.parse_infotext(metadata.read_metadata(out / "t" / "1.png")[0])
+    assert prompt == "a red barn <tint:0.5>"
+    plain, _, _ = metadata.parse_infotext(metadata.read_metadata(out / "t" / "0.png")[0])
+    assert plain == "a red barn"
+
+
 def test_write_output_first_result_wins_and_side_files_are_recorded(run):
     _, calls, out = run
     assert len(calls["write_output"]) == 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -480,3 +481,21 @@ def test_cli_writes_the_infotext(job: Any, tmp_path: Path, models: Path) -> None
     assert text.startswith("a house\n")
     pt_hash = legacy_hash(models / "hypernetworks" / "tiny-hn.pt")
     assert f"Hypernet: tiny-hn, Hypernet hash: {pt_hash}, Hypernet strength: 0.7" in text
+
+
+def test_a_pasted_infotext_rebuilds_the_stack_in_order(job: Any, plugins: Any, hn: Any) -> None:
+    """Untagged entries but the last become tags in the infotext prompt; the last is the
+    Hypernet fields, which A1111 appends as a tag on paste: the order comes back as rendered."""
+    tasks = by_job(resolve(job("""\
+          - name: stack
+            prompt: "a house <hypernet:tiny-hn-b:0.2>"
+            hypernetwork: [{tiny-hn-st: 1}, {tiny-hn: 0.3}]
+    """), plugins))
+    task = tasks["stack"]
+    prompt = hn.infotext_prompt(task=task, prompt=task.prompt)
+    assert prompt == "a house <hypernet:tiny-hn-b:0.2> <hypernet:tiny-hn-st:1>"
+    fields = hn.result_metadata(task=task, result=None)
+    pasted = f"{prompt} <hypernet:{fields['Hypernet']}:{fields['Hypernet strength']}>"
+    order = [(m.group(2).split(":")[0], float(m.group(2).split(":")[1]))
+             for m in re.finditer(r"<(\w+):([^>]+)>", pasted)]
+    assert order == [(e.name, e.strength) for e in hn.active_stack(task)]

@@ -446,3 +446,57 @@ def test_cli_end_to_end_writes_lora_hashes(job: Any, kit: Path, tmp_path: Path) 
     b = addnet_hash(kit / "loras" / "tiny-lora-b.safetensors")
     assert text.startswith("a house <lora:tiny-lora-b:0.5>\n")
     assert f'Lora hashes: "tiny-lora-a: {a}, tiny-lora-b: {b}"' in text
+
+
+#: A1111's own rule for extra networks in a prompt (modules/extra_networks.py: re_extra_net).
+A1111_EXTRA_NET = r"<(\w+):([^>]+)>"
+
+
+def a1111_stack(prompt: str) -> dict[str, tuple[float, float]]:
+    """The LoRA stack A1111 rebuilds from a pasted prompt: te weight, unet weight (default
+    te); the last tag of a name wins."""
+    import re
+
+    stack = {}
+    for kind, body in re.findall(A1111_EXTRA_NET, prompt):
+        if kind in ("lora", "lyco"):
+            name, *numbers = body.split(":")
+            te = float(numbers[0]) if numbers else 1.0
+            stack[name] = (te, float(numbers[1]) if len(numbers) > 1 else te)
+    return stack
+
+
+def test_the_infotext_prompt_carries_every_lora_as_a1111_rebuilds_it(job: Any, tmp_path: Path,
+                                                                        one_thread: None) -> None:
+    """Read back by an independent reader (sd-parsers), then A1111's parsing rule: the stack
+    equals what rendered, whether a section, a grid axis or an inline tag set it."""
+    from sd_parsers import ParserManager
+
+    from render import metadata
+    from render.cli import main
+
+    path = job("""\
+          - name: section
+            lora: {tiny-lora-a: 0.7, tiny-lora-b: {te: 0.5, unet: 1}}
+          - name: axis
+            prompt: "a house <lora:tiny-lora-a:0.2>"
+            grid: {lora.tiny-lora-a: [0, 0.9]}
+          - name: tagged
+            prompt: "a house, <lora:tiny-lora-b:0.4>"
+    """)
+    assert main([str(path), "-q"]) == 0
+    reader = ParserManager()
+    seen = {}
+    for image in sorted((path.parent / "out").glob("*/*.png")):   # not grids/ sheets
+        _, prov = metadata.read_metadata(image)
+        task = prov["task"]
+        read = reader.parse(image)
+        prompt = read.full_prompt
+        stack = a1111_stack(prompt)
+        want = {name: (w["te"], w["unet"]) for name, w in task["lora"].items()}
+        assert stack == want, (image, prompt)
+        seen[(task["job"], task["index"])] = prompt
+    assert seen[("section", 0)] == ("a house <lora:tiny-lora-a:0.7> <lora:tiny-lora-b:0.5:1>")
+    assert seen[("axis", 0)] == "a house <lora:tiny-lora-a:0>"     # the axis won: written so
+    assert seen[("axis", 1)] == "a house <lora:tiny-lora-a:0.9>"
+    assert seen[("tagged", 0)] == "a house, <lora:tiny-lora-b:0.4>"  # as written, untouched
