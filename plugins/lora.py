@@ -98,6 +98,7 @@ from render.api import (
     hookimpl,
     load_state_dict,
     per_file_version,
+    raise_all,
     safetensors_metadata,
     tensor_shapes,
 )
@@ -422,40 +423,49 @@ def task_files(task: Task, models: Any) -> dict[str, FileRef] | None:
         return None
     model = task.files.get("model")
     model_family = model.family if model else None
+    tagged = set(inline_loras(task.prompt)[0])
     files: dict[str, FileRef] = {}
     by_file: dict[str, str] = {}
+    errors: list[FieldError] = []
     for name in section:
         try:
-            path = models.find("lora", name)
-        except FieldError as exc:
-            raise FieldError(exc.message, subkey=name) from None
-        if path.is_dir():
-            raise FieldError(f"LoRA {name!r}: {path} is a folder; name the weight file",
-                             subkey=name)
-        try:
-            info = _cached_info(path)
-        except FieldError as exc:  # not a readable safetensors/pickle file
-            raise FieldError(f"LoRA {name!r}: {exc.message}", subkey=name) from None
-        if info.unsupported:
-            raise FieldError(
-                f"LoRA {name!r}: {path} is a {info.unsupported} network (tensors like "
-                f"{info.example!r}), which diffusers cannot load; only LoRA/LoCon files "
-                "(lora_down/lora_up, or peft lora_A/lora_B) are supported", subkey=name)
-        if info.families and model_family and model_family not in info.families:
-            raise FieldError(
-                f"LoRA {name!r} ({path.name}) is for {family_text(info.families)} "
-                f"({info.reason}), but model {task.model!r} is "
-                f"{family_text(model_family)}", subkey=name)
-        ref = models.file_ref("lora", name, path)
-        twin = by_file.get(ref.sha256)
-        if twin is not None:
-            raise FieldError(f"LoRA {name!r} and {twin!r} are the same file ({path.name})",
-                             subkey=name)
-        by_file[ref.sha256] = name
-        family = next(iter(info.families)) if info.families and len(info.families) == 1 else None
-        files[f"{KEY}:{name}"] = dataclasses.replace(
-            ref, family=family or ref.family, extra={**ref.extra, "format": info.format})
+            ref = _lora_ref(task, models, name, model_family, by_file)
+        except FieldError as exc:  # every LoRA of the stack is checked: all problems at once
+            where = {"key": "prompt"} if name in tagged else {"subkey": name}
+            errors.append(FieldError(exc.message, **where))
+            continue
+        files[f"{KEY}:{name}"] = ref
+    raise_all(errors)
     return files
+
+
+def _lora_ref(task: Task, models: Any, name: str, model_family: str | None,
+              by_file: dict[str, str]) -> FileRef:
+    """One LoRA found and checked (format, type, base); FieldError says what is wrong."""
+    path = models.find("lora", name)
+    if path.is_dir():
+        raise FieldError(f"LoRA {name!r}: {path} is a folder; name the weight file")
+    try:
+        info = _cached_info(path)
+    except FieldError as exc:  # not a readable safetensors/pickle file
+        raise FieldError(f"LoRA {name!r}: {exc.message}") from None
+    if info.unsupported:
+        raise FieldError(
+            f"LoRA {name!r}: {path} is a {info.unsupported} network (tensors like "
+            f"{info.example!r}), which diffusers cannot load; only LoRA/LoCon files "
+            "(lora_down/lora_up, or peft lora_A/lora_B) are supported")
+    if info.families and model_family and model_family not in info.families:
+        raise FieldError(
+            f"LoRA {name!r} ({path.name}) is for {family_text(info.families)} "
+            f"({info.reason}), but model {task.model!r} is {family_text(model_family)}")
+    ref = models.file_ref("lora", name, path)
+    twin = by_file.get(ref.sha256)
+    if twin is not None:
+        raise FieldError(f"LoRA {name!r} and {twin!r} are the same file ({path.name})")
+    by_file[ref.sha256] = name
+    family = next(iter(info.families)) if info.families and len(info.families) == 1 else None
+    return dataclasses.replace(ref, family=family or ref.family,
+                               extra={**ref.extra, "format": info.format})
 
 
 @dataclass(frozen=True)

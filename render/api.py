@@ -7,7 +7,8 @@ import torch: validation and ``--dry-run`` load every plugin without it.
 - ``hookimpl``: decorate hook functions (the hooks are documented in ``render.hookspecs``).
 - Values that flow between stages: ``Task``, ``FileRef``, ``Batch``, ``Result``,
   ``RunReport``; ``DEFAULT_STRENGTH`` (A1111's 0.75) and ``load_image`` (inputs at a size).
-- Job-file keys: ``FieldError``, ``FieldContext`` and the ``expect_*`` validators.
+- Job-file keys: ``FieldError``, ``FieldContext`` and the ``expect_*`` validators;
+  ``FieldErrors`` / ``raise_all`` report several problems of one task at once.
 - Model files: ``ModelKind`` (for ``register_model_kinds``), ``WEIGHT_EXTS``, ``PICKLE_EXTS``,
   the readers that need no torch (``tensor_shapes``, ``safetensors_metadata``,
   ``checkpoint_info``, ``detect_family``) and ``load_state_dict`` (torch's weights-only
@@ -21,7 +22,7 @@ import torch: validation and ``--dry-run`` load every plugin without it.
 from __future__ import annotations
 
 from render.configs import source_dir as shipped_config_source
-from render.errors import FieldError
+from render.errors import FieldError, FieldErrors, raise_all
 from render.fields import (
     FieldContext,
     describe,
@@ -65,6 +66,7 @@ __all__ = [
     "Batch",
     "FieldContext",
     "FieldError",
+    "FieldErrors",
     "FileRef",
     "ModelKind",
     "Result",
@@ -89,6 +91,7 @@ __all__ = [
     "load_state_dict",
     "per_file_version",
     "quiet_logger",
+    "raise_all",
     "shipped_config_source",
     "safetensors_metadata",
     "tensor_shapes",

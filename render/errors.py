@@ -70,6 +70,24 @@ class FieldError(ValueError):
         super().__init__(message)
 
 
+class FieldErrors(FieldError):
+    """Several problems found at once, each a ``FieldError`` (a stack with three missing
+    LoRAs is three lines). Behaves as its first error where only one can be reported."""
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        first = errors[0]
+        super().__init__(first.message, first.subkey, key=first.key)
+        self.errors = list(errors)
+
+
+def raise_all(errors: list[FieldError]) -> None:
+    """Raise nothing, the one error, or all of them as ``FieldErrors``."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise FieldErrors(errors)
+
+
 class PluginError(RuntimeError):
     """A plugin raised where a value was expected: our user's bug report names the plugin.
 

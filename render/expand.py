@@ -430,6 +430,9 @@ def _check_sampler_pairs(jf: JobFile, raw: dict[str, Any], axes: list[Axis], err
         for schedule_raw, schedule_where, _ in schedules:
             try:
                 schedule = jf.normalise("schedule", schedule_raw) if schedule_raw else None
+            except FieldError:
+                continue   # an unknown schedule is reported at the schedule key itself
+            try:
                 samplers.resolve_sampler(name if embedded is None else f"{name} {embedded}",
                                          schedule)
             except (FieldError, ValueError) as exc:
@@ -497,10 +500,9 @@ def _output(jf: JobFile, entry: MarkedMap, defaults: MarkedMap, prefix: str,
     spec = dataclasses.replace(spec, **values, options=options)
     try:
         output_module.check_output_spec(spec, _name_fields(entry))
-    except ValueError as exc:
-        key = "name" if str(exc).startswith("output.name") else "dir"
-        loc, path = where.get(key, (entry.where, f"{prefix}.output.{key}"))
-        errors.add(loc, path, str(exc))
+    except FieldError as exc:
+        loc, path = where.get(exc.subkey, (entry.where, f"{prefix}.output.{exc.subkey}"))
+        errors.add(loc, path, exc.message)
     return spec
 
 

@@ -290,9 +290,11 @@ class ModelResolver:
             where = "in " + ", ".join(str(d) for d in dirs)
         else:
             existing = [str(d) for d in self.model_dirs if d.is_dir()]
+            tried = ", ".join(str(d) for d in self.model_dirs) or "none given"
             where = (
-                f"in no folder: model_dirs ({', '.join(existing) or 'none of them exists'})"
-                f" hold no folder named {expected}"
+                f"in no folder: model_dirs ({', '.join(existing)}) hold no folder named "
+                f"{expected}" if existing else
+                f"in no folder: model_dirs ({tried}: none of them exists)"
             )
         msg = (
             f"{kind} '{asked}' not found: looked for '{target}' (extension optional: "

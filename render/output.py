@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from render.errors import FieldError
 from render.hookspecs import hookimpl
 from render.ledger import pid_alive
 from render.metadata import format_number, save_image
@@ -158,14 +159,19 @@ def allowed_fields(job: Job) -> set[str]:
 
 
 def check_output_spec(spec: OutputSpec, allowed: set[str] | frozenset[str]) -> None:
-    """Validate ``output.dir`` and ``output.name`` at job-file validation time."""
-    check_template(spec.dir, allowed, what="output.dir")
-    check_template(spec.name, allowed, what="output.name")
+    """Validate ``output.dir`` and ``output.name`` at job-file validation time; the
+    ``FieldError``'s ``subkey`` says which of the two is wrong."""
+    for key, template in (("dir", spec.dir), ("name", spec.name)):
+        try:
+            check_template(template, allowed, what=f"output.{key}")
+        except ValueError as exc:
+            raise FieldError(str(exc), key) from None
     if spec.name.startswith("/") or not spec.name.strip("/"):
-        raise ValueError(f"output.name {spec.name!r}: expected a relative file name")
+        raise FieldError(f"output.name {spec.name!r}: expected a relative file name", "name")
     for comp in _components(spec.name):
         if comp in (["."], [".."]):
-            raise ValueError(f"output.name {spec.name!r}: '..' would leave the output folder")
+            raise FieldError(f"output.name {spec.name!r}: '..' would leave the output folder",
+                             "name")
 
 
 def _static_count(comps: list[list[_Token]]) -> int:

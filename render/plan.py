@@ -9,6 +9,7 @@ once (the most expensive switch outermost, as A1111's X/Y/Z plot does).
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -29,6 +30,8 @@ class Preflight:
         self.errors: list[JobError] = []
         #: Tasks a plugin failed on (not user mistakes): job name -> one error per message.
         self.broken: dict[str, list[JobError]] = {}
+        #: Tasks that cannot render for a user mistake (a missing file ...), per job name.
+        self.blocked: Counter[str] = Counter()
         self._seen_errors: set[str] = set()
         self._cache: dict[tuple[str, str], FileRef | FieldError] = {}
 
@@ -57,7 +60,10 @@ class Preflight:
             self.errors.append(error)
 
     def resolve(self, task: Task, plan: JobPlan) -> Task | None:
-        """The task with ``files`` and ``id`` filled in, or None after recording an error."""
+        """The task with ``files`` and ``id`` filled in, or None after recording its errors.
+
+        Every check runs even after one failed (a missing model does not hide a missing
+        LoRA), so one dry run reports everything a job file lacks."""
         files: dict[str, FileRef] = {}
         failed = False
         checks: list[tuple[str, str, str | None]] = [
@@ -71,16 +77,14 @@ class Preflight:
             except FieldError as exc:
                 self._fail(plan, label, exc)
                 failed = True
-        if failed:
-            return None
         # The task's vae, else the model alias's (the resolver keeps it in the model's extra).
-        vae = task.vae or files["model"].extra.get("vae")
+        vae = task.vae or (files["model"].extra.get("vae") if "model" in files else None)
         if vae:
             try:
                 files["vae"] = self._ref("vae", vae)
             except FieldError as exc:
                 self._fail(plan, "vae" if task.vae else "model", exc)
-                return None
+                failed = True
         # Each plugin sees the files found so far (the core's, then earlier plugins') on a
         # task of its own; the task with every file and its id is made once, at the end.
         for plugin_name, task_files in self.jf.plugins.ordered("task_files"):
@@ -88,13 +92,18 @@ class Preflight:
                 extra = task_files(task=dataclasses.replace(task, files=dict(files)),
                                    models=self.models)
             except FieldError as exc:
-                self._fail(plan, exc.key or _plugin_key(task, plugin_name), exc)
-                return None
+                for error in getattr(exc, "errors", [exc]):   # FieldErrors: several at once
+                    self._fail(plan, error.key or _plugin_key(task, plugin_name), error)
+                failed = True
+                continue
             except PluginError as exc:
                 self.plugin_failed(plan, exc, _plugin_key(task, plugin_name))
                 return None
             if extra:
                 files.update(extra)
+        if failed:
+            self.blocked[plan.job.name] += 1
+            return None
         task = dataclasses.replace(task, files=files)
         return dataclasses.replace(task, id=task.compute_id())
 

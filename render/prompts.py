@@ -48,6 +48,8 @@ What we reproduce, and where we differ from A1111 (documented choices):
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 __all__ = ["BREAK", "chunk_tokens", "encode_prompts", "parse_attention"]
@@ -107,28 +109,19 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
     ``(x)`` is x1.1, ``[x]`` is /1.1, ``(x:1.3)`` sets 1.3, nesting multiplies, escapes and
     unbalanced brackets behave as in A1111 (see the module docstring). Neighbours of equal
     weight are merged and empty fragments dropped; an empty prompt gives ``[("", 1.0)]``.
-    Raises ``ValueError`` for syntax we cannot render (prompt editing, alternation, ``AND``)
-    and for a weight that is not a number (``(x:1.2.3)``).
+    Square brackets are de-emphasis whatever they hold (``[a:b]``, ``[artist: x]``): prompt
+    editing and alternation are resolved before this, by :func:`prompt_schedule`, which hands
+    each step's text here. Raises ``ValueError`` for ``AND`` (composition, which we do not
+    render) and for a weight that is not a number (``(x:1.2.3)``).
     """
     parts: list[list[Any]] = []
-    # open brackets, innermost last: [kind, index into parts, saw ':' or '|' at this level]
-    opened: list[list[Any]] = []
+    opened: list[tuple[str, int]] = []  # open brackets, innermost last: (kind, index into parts)
 
     def close(kind: str) -> int | None:
         for i in range(len(opened) - 1, -1, -1):
             if opened[i][0] == kind:
-                entry = opened.pop(i)
-                if kind == "[" and entry[2]:
-                    raise ValueError(
-                        f"prompt editing / alternation ('[a:b:when]', '[a|b]') is not "
-                        f"supported: {text!r}; escape literal brackets as \\[ \\]"
-                    )
-                return int(entry[1])
+                return opened.pop(i)[1]
         return None
-
-    def mark_square(fragment: str) -> None:
-        if opened and opened[-1][0] == "[" and (":" in fragment or "|" in fragment):
-            opened[-1][2] = True
 
     for m in _TOKEN.finditer(text):
         kind = m.lastgroup
@@ -138,12 +131,11 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
         elif kind == "backslash":
             continue
         elif kind == "open_round":
-            opened.append(["(", len(parts), False])
+            opened.append(("(", len(parts)))
         elif kind == "open_square":
-            opened.append(["[", len(parts), False])
+            opened.append(("[", len(parts)))
         elif kind == "weight":
             if not any(entry[0] == "(" for entry in opened):
-                mark_square(token)
                 parts.append([token, 1.0])
                 continue
             try:
@@ -168,12 +160,8 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
             else:
                 _multiply(parts, start, 1 / ROUND)
         else:  # text or a literal colon
-            mark_square(token)
             if _AND.search(token):
-                raise ValueError(
-                    f"'AND' is A1111's prompt-composition keyword, which render does not "
-                    f"support: {text!r}; write 'and' for the word"
-                )
+                raise ValueError(_and_message(text))
             pieces = _BREAK_SPLIT.split(token)
             for i, piece in enumerate(pieces):
                 if i:
@@ -196,6 +184,255 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
         else:
             merged.append((fragment, float(weight)))
     return merged or [("", 1.0)]
+
+
+# -- prompt editing and alternation ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Edit:
+    """``[before:after:when]``; ``before`` is None for ``[after:when]``, ``when`` as written."""
+
+    before: tuple[_Node, ...] | None
+    after: tuple[_Node, ...]
+    when: str
+
+
+@dataclass(frozen=True)
+class _Alternation:
+    """``[a|b|...]``: option ``(step - 1) % len(options)`` at each step."""
+
+    options: tuple[tuple[_Node, ...], ...]
+
+
+_Node = str | _Edit | _Alternation
+#: Plain text of A1111's editing grammar: anything but ``\ [ ] ( ) : |``, or an escape.
+_PLAIN = re.compile(r"(?:[^\\\[\]():|]|\\.)+")
+#: The end of ``[...:when]``: a signed int, decimal or exponent number, spaces around it.
+_WHEN = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?))\s*\]")
+#: Deeper bracket nesting than this is read as text (no prompt nests so deep on purpose).
+MAX_EDIT_DEPTH = 100
+#: Validation checks at most this many of a prompt's branch combinations.
+CHECK_LIMIT = 512
+
+
+class _EditParser:
+    """A1111's prompt-editing grammar by recursive descent.
+
+    Inside brackets everything must nest properly: ``(p)``, ``(p:q)``, ``[p]`` (kept as
+    text), ``[to:when]``, ``[from:to:when]`` and ``[a|b|...]``, where p, q ... are again such
+    sequences of text and brackets. At the top level a bracket or colon that does not fit is
+    text. A ``|`` outside ``[a|b]`` or a lone backslash makes A1111's parser give up, and the
+    whole prompt is then text (:meth:`parse` returns None).
+    """
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.depth = 0
+
+    def parse(self) -> tuple[_Node, ...] | None:
+        text, i, nodes = self.text, 0, []
+        while True:
+            part, i = self.sequence(i)
+            nodes.extend(part)
+            if i == len(text):
+                return tuple(nodes)
+            if text[i] not in "[]():":
+                return None
+            nodes.append(text[i])  # a bracket or colon that closes nothing: text
+            i += 1
+
+    def sequence(self, i: int) -> tuple[list[_Node], int]:
+        text, nodes = self.text, []
+        while i < len(text):
+            plain = _PLAIN.match(text, i)
+            if plain:
+                nodes.append(plain.group())
+                i = plain.end()
+                continue
+            if text[i] not in "([" or self.depth >= MAX_EDIT_DEPTH:
+                break
+            self.depth += 1
+            bracket = self.round(i) if text[i] == "(" else self.square(i)
+            self.depth -= 1
+            if bracket is None:
+                break
+            nodes.extend(bracket[0])
+            i = bracket[1]
+        return nodes, i
+
+    def at(self, i: int, char: str) -> bool:
+        return i < len(self.text) and self.text[i] == char
+
+    def round(self, i: int) -> tuple[list[_Node], int] | None:
+        first, j = self.sequence(i + 1)
+        if self.at(j, ")"):
+            return ["(", *first, ")"], j + 1
+        if self.at(j, ":"):
+            second, k = self.sequence(j + 1)
+            if self.at(k, ")"):
+                return ["(", *first, ":", *second, ")"], k + 1
+        return None
+
+    def square(self, i: int) -> tuple[list[_Node], int] | None:
+        first, j = self.sequence(i + 1)
+        if self.at(j, "]"):
+            return ["[", *first, "]"], j + 1
+        if self.at(j, "|"):
+            options = [tuple(first)]
+            while self.at(j, "|"):
+                option, j = self.sequence(j + 1)
+                options.append(tuple(option))
+            return ([_Alternation(tuple(options))], j + 1) if self.at(j, "]") else None
+        if not self.at(j, ":"):
+            return None
+        when = _WHEN.match(self.text, j + 1)
+        if when:
+            return [_Edit(None, tuple(first), when.group(1))], when.end()
+        second, k = self.sequence(j + 1)
+        when = _WHEN.match(self.text, k + 1) if self.at(k, ":") else None
+        if when:
+            return [_Edit(tuple(first), tuple(second), when.group(1))], when.end()
+        return None
+
+
+@lru_cache(maxsize=4096)
+def _parse_edits(text: str) -> tuple[_Node, ...] | None:
+    return _EditParser(text).parse()
+
+
+def has_prompt_editing(text: str) -> bool:
+    """Whether ``text`` holds prompt editing ``[a:b:when]`` or alternation ``[a|b]``."""
+    nodes = _parse_edits(text)
+    return nodes is not None and _has_edits(nodes)
+
+
+def _has_edits(nodes: tuple[_Node, ...]) -> bool:
+    return any(not isinstance(node, str) for node in nodes)
+
+
+def _switch_step(when: str, steps: int, first_pass: int | None) -> int:
+    """The last step of ``[a:b:when]``'s first branch on a timeline of ``steps`` (A1111 1.6+).
+
+    A number written with a '.' is a fraction of the steps (``0.5``; ``1.5`` is past the end),
+    one without is a step number. On a second (hires) pass after ``first_pass`` steps, the
+    fractions count from 1.0 and the step numbers from the first pass's end.
+    """
+    value = float(when)
+    if "." in when:
+        value = (value - (1.0 if first_pass is not None else 0.0)) * steps
+    else:
+        value -= first_pass or 0
+    return int(min(max(value, -1.0), steps))  # beyond either end, the end (no overflow)
+
+
+def _text_at(nodes: tuple[_Node, ...], step: int, steps: int, first_pass: int | None) -> str:
+    out = []
+    for node in nodes:
+        if isinstance(node, str):
+            out.append(node)
+        elif isinstance(node, _Edit):
+            first = step <= _switch_step(node.when, steps, first_pass)
+            out.append(_text_at(node.before or () if first else node.after, step, steps,
+                                first_pass))
+        else:
+            option = node.options[(step - 1) % len(node.options)]
+            out.append(_text_at(option, step, steps, first_pass))
+    return "".join(out)
+
+
+def _switches(nodes: tuple[_Node, ...], steps: int, first_pass: int | None,
+              found: set[int]) -> None:
+    """Collect the steps after which some part of the prompt changes (in every branch)."""
+    for node in nodes:
+        if isinstance(node, _Edit):
+            step = _switch_step(node.when, steps, first_pass)
+            if step >= 1:
+                found.add(step)
+            _switches(node.before or (), steps, first_pass, found)
+            _switches(node.after, steps, first_pass, found)
+        elif isinstance(node, _Alternation):
+            found.update(range(1, steps + 1))
+            for option in node.options:
+                _switches(option, steps, first_pass, found)
+
+
+@lru_cache(maxsize=1024)
+def _schedule(text: str, steps: int, first_pass: int | None) -> tuple[tuple[int, str], ...]:
+    nodes = _parse_edits(text)
+    if nodes is None:
+        return ((steps, text),)
+    ends = {steps}
+    _switches(nodes, steps, first_pass, ends)
+    return tuple((end, _text_at(nodes, end, steps, first_pass)) for end in sorted(ends))
+
+
+def prompt_schedule(text: str, steps: int, *, hires_steps: int | None = None
+                    ) -> list[tuple[int, str]]:
+    """A1111's prompt-editing schedule: ``(until_step, text)`` pairs, ``until_step`` rising.
+
+    ``[from:to:when]`` is ``from`` until step ``when``, then ``to``; ``[to:when]`` adds ``to``
+    after ``when``, ``[from::when]`` removes ``from``; ``when`` with a '.' is a fraction of
+    ``steps`` (``0.25``), without one a step number. ``[a|b|c]`` takes the next option every
+    step. They nest, and hold weights, BREAKs and embeddings. Square brackets holding anything
+    else (``[a:b]``, ``[artist: x]``) stay text, for :func:`parse_attention` to de-emphasise.
+    ``hires_steps``: the timeline of a second pass of that many steps after ``steps``.
+
+    As in A1111's sampler, the 0-based step ``i`` uses the first pair with ``i <= until_step``
+    (see :func:`step_texts`). Pure Python.
+    """
+    if hires_steps is None:
+        return list(_schedule(text, steps, None))
+    return list(_schedule(text, hires_steps, steps))
+
+
+def step_texts(text: str, steps: int) -> list[str]:
+    """The text each of ``steps`` denoising steps conditions on (index = the 0-based step)."""
+    schedule = _schedule(text, max(steps, 1), None)
+    texts, entry = [], 0
+    for step in range(max(steps, 1)):
+        while step > schedule[entry][0]:
+            entry += 1
+        texts.append(schedule[entry][1])
+    return texts
+
+
+def _every_text(nodes: tuple[_Node, ...], limit: int) -> list[str]:
+    """Every text the branches can combine into (up to ``limit`` of them), for validation."""
+    texts = [""]
+    for node in nodes:
+        if isinstance(node, str):
+            choices = [node]
+        elif isinstance(node, _Edit):
+            choices = _every_text(node.before or (), limit) + _every_text(node.after, limit)
+        else:
+            choices = [t for option in node.options for t in _every_text(option, limit)]
+        texts = list(dict.fromkeys(a + b for a in texts for b in choices))[:limit]
+    return texts
+
+
+def prompt_problem(text: str) -> str | None:
+    """Why the renderer could not honour the prompt ``text``, or None. Pure Python.
+
+    Job validation calls this on every prompt and negative, so that what the encoder would
+    refuse (``AND``, a weight that is not a number, in any branch of an edit) is a located
+    job-file error before anything loads. Extra-network tags are left to their plugins.
+    """
+    visible = strip_extra_networks(text)
+    if _AND.search(visible):
+        return _and_message(visible)
+    nodes = _parse_edits(visible)
+    for candidate in [visible] if nodes is None else _every_text(nodes, CHECK_LIMIT):
+        try:
+            parse_attention(candidate)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
+def _and_message(text: str) -> str:
+    return (f"'AND' is A1111's prompt-composition keyword, which render does not support: "
+            f"{text!r}; write 'and' for the word")
 
 
 def chunk_tokens(

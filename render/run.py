@@ -111,7 +111,9 @@ def iter_resolved(plans: list[JobPlan], plugins: Plugins, limit: int | None,
 
 
 def raise_errors(checkers: dict[int, Preflight]) -> None:
-    errors = [error for checker in checkers.values() for error in checker.errors]
+    """Every preflight error of every file, each file's in line order."""
+    errors = [error for checker in checkers.values() for error in sorted(
+        checker.errors, key=lambda e: (e.where.line, e.where.col) if e.where else (0, 0))]
     if errors:
         raise JobErrors(errors)
 
@@ -206,20 +208,24 @@ def dry_run(plans: list[JobPlan], plugins: Plugins, checkers: dict[int, Prefligh
             record = resolved.to_json()
             record["done"] = done
             out.write(json.dumps(record, default=str) + "\n")
+    if not args.json:   # the table first, also when something is missing: then the errors
+        blocked = sum((checker.blocked for checker in checkers.values()), Counter())
+        _print_table(plans, stats, needs, blocked)
     raise_errors(checkers)
-    if not args.json:
-        _print_table(plans, stats, needs)
     broken = broken | broken_at_preflight(checkers)
     report_broken(broken)
     return EXIT_FAILED if broken else EXIT_OK
 
 
 def _print_table(plans: list[JobPlan], stats: dict[str, Counter[str]],
-                 needs: dict[str, set[tuple[str, str]]]) -> None:
+                 needs: dict[str, set[tuple[str, str]]], blocked: Counter[str]) -> None:
+    """One row per job: its tasks, how many are done, its axes, the files it needs (and, when
+    some are missing, how many of its tasks the errors below keep from rendering)."""
     rows = [("job", "tasks", "done", "axes", "needs")]
     total = Counter()
     for plan in plans:
-        counter = stats.get(plan.job.name, Counter())
+        counter = stats.get(plan.job.name, Counter()).copy()
+        counter["tasks"] += blocked[plan.job.name]
         total.update(counter)
         axes = " x ".join(f"{a.key}({len(a.values)})" for a in plan.grid)
         if plan.zip:
@@ -229,6 +235,9 @@ def _print_table(plans: list[JobPlan], stats: dict[str, Counter[str]],
         if plan.prompt_count > 1:
             axes = f"prompts({plan.prompt_count})" + (" x " + axes if axes else "")
         files = sorted(f"{kind}:{Path(path).name}" for kind, path in needs.get(plan.job.name, ()))
+        if blocked[plan.job.name]:
+            n = blocked[plan.job.name]
+            files.insert(0, f"MISSING for {n} task{'s' if n != 1 else ''} (errors below)")
         rows.append((plan.job.name, str(counter["tasks"]), str(counter["done"]), axes or "-",
                      ", ".join(files) or "-"))
     rows.append(("total", str(total["tasks"]), str(total["done"]), "", ""))

@@ -289,7 +289,7 @@ def parse_schedule(text: str) -> str:
             f"{_known_schedules()}"
         )
     hint = _did_you_mean(text, list(SCHEDULES))
-    raise ValueError(f"unknown schedule type {text!r}{hint} {_known_schedules()}")
+    raise ValueError(f"unknown schedule type {text!r}{hint}; {_known_schedules()}")
 
 
 def check_supported(sampler: str, schedule: str) -> None:

@@ -119,3 +119,52 @@ def test_hundred_thousand_task_dry_run_streams(tmp_path, kit):
     rest = sum(1 for _ in proc.stdout)
     assert proc.wait() == 0
     assert rest == 99999
+
+
+def test_a_dry_run_tells_the_whole_truth_at_once(tmp_path, kit):
+    """Every missing file of every job in one pass, each at the line where its name was
+    written; the task table first, then the errors; exit 2; no torch."""
+    from render.testing import write_reference_images
+
+    write_reference_images(tmp_path / "refs")
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "version: 1\nmodel_dirs: [nowhere, ~/also-nowhere-render]\n"
+        "output: {dir: \"out/{job}\"}\n"
+        "defaults: {model: no-model, size: 64x64, steps: 2}\n"
+        "jobs:\n"
+        "  - name: a\n"
+        "    prompt: \"a house <lora:no-tag:0.5>\"\n"
+        "    lora: {no-one: 0.5, no-two: 1}\n"
+        "    vae: no-vae\n"
+        "    controlnet: [{model: no-cn, image: refs/house.png}]\n"
+        "  - name: b\n"
+        "    prompt: a boat\n")
+    result = run_cli(str(job), "--dry-run")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    table = result.stdout.splitlines()
+    assert table[0].split() == ["job", "tasks", "done", "axes", "needs"]
+    assert "MISSING for 1 task (errors below)" in table[1] and table[1].startswith("a ")
+    errors = result.stderr.splitlines()
+    located = [line.split(": ", 3)[1:3] for line in errors]
+    assert located == [
+        [f"{job}:4:19", "defaults.model"],
+        [f"{job}:7:13", "jobs[0].prompt"],          # the inline tag, where it is written
+        [f"{job}:8:20", "jobs[0].lora.no-one"],     # at the weight, as the key errors are
+        [f"{job}:8:33", "jobs[0].lora.no-two"],     # every LoRA of the stack, not the first
+        [f"{job}:9:10", "jobs[0].vae"],
+        [f"{job}:10:26", "jobs[0].controlnet[0].model"],
+    ]
+    assert f"{tmp_path / 'nowhere'}, " in errors[0]       # the expanded folders it tried
+    assert "also-nowhere-render: none of them exists" in errors[0]
+
+
+def test_output_name_and_schedule_mistakes_are_located_at_their_own_keys(tmp_path, kit):
+    job = demo_job(tmp_path, kit, "jobs:\n  - name: x\n    prompt: hi\n    schedule: Foo\n"
+                   "    output: {name: \"{nope}\"}\n")
+    result = run_cli(str(job), "--dry-run")
+    assert result.returncode == 2
+    assert [line.split(": ", 3)[2] for line in result.stderr.splitlines()] == [
+        "jobs[0].schedule", "jobs[0].output.name"]
+    assert "unknown schedule type 'Foo'; known schedule types:" in result.stderr

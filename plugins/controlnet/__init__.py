@@ -68,7 +68,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from render.api import FieldError, ModelKind, hookimpl
+from render.api import FieldError, ModelKind, hookimpl, raise_all
 
 from .annotators import annotator_refs
 from .infotext import infotext_fields
@@ -114,16 +114,18 @@ def register_task_fields(register: Any) -> None:
 
 @hookimpl
 def task_files(task: Any, models: Any) -> dict[str, Any] | None:
-    """Find each unit's ControlNet, image and annotator weights; check the model family."""
-    if units(task) and task.sections.get("depth"):
-        raise FieldError("controlnet: cannot be combined with depth: (diffusers has no depth"
-                         " ControlNet pipeline); use a ControlNet unit with preprocessor: depth"
-                         " instead of depth:")
+    """Find each unit's ControlNet, image and annotator weights; check the model family.
+    (``depth:`` with ``controlnet:`` is refused by the depth plugin, once.)"""
     found: dict[str, Any] = {}
-    for i, unit in enumerate(units(task)):
-        found[model_label(i)] = controlnet_ref(task, models, i, unit)
-        found[image_label(i)] = image_ref(models, i, unit)
-        found.update(annotator_refs(models, i, PREPROCESSORS[unit["preprocessor"]]))
+    errors: list[FieldError] = []
+    for i, unit in enumerate(units(task)):   # every unit is checked: all problems at once
+        try:
+            found[model_label(i)] = controlnet_ref(task, models, i, unit)
+            found[image_label(i)] = image_ref(models, i, unit)
+            found.update(annotator_refs(models, i, PREPROCESSORS[unit["preprocessor"]]))
+        except FieldError as exc:
+            errors.extend(getattr(exc, "errors", [exc]))
+    raise_all(errors)
     return found or None
 
 

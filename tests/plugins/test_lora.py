@@ -444,7 +444,8 @@ def test_cli_end_to_end_writes_lora_hashes(job: Any, kit: Path, tmp_path: Path) 
     text = Image.open(png).info["parameters"]
     a = addnet_hash(kit / "loras" / "tiny-lora-a.safetensors")
     b = addnet_hash(kit / "loras" / "tiny-lora-b.safetensors")
-    assert text.startswith("a house <lora:tiny-lora-b:0.5>\n")
+    # the section's LoRA is tagged too (issue 11): A1111 rebuilds the stack from the prompt
+    assert text.startswith("a house <lora:tiny-lora-b:0.5> <lora:tiny-lora-a:0.8>\n")
     assert f'Lora hashes: "tiny-lora-a: {a}, tiny-lora-b: {b}"' in text
 
 
