@@ -476,7 +476,7 @@ class Engine:
         # A pipeline call takes one strength, and pads every prompt to the longest one's
         # chunk count (which would change a short prompt's image): tasks that differ in
         # either go in separate calls, so a task's pixels never depend on its neighbours.
-        for group in _groups_by(tasks, lambda t: (t.strength, self._chunks(pipe, t))):
+        for group in _groups_by(tasks, lambda t: (t.strength, _chunks(pipe, t))):
             notes: list[str] = []
             out = self._render_fitting(res, pipe, group, notes)
             for task, (images, timing, call_notes) in zip(group, out, strict=True):
@@ -487,13 +487,6 @@ class Engine:
                                       notes=list(dict.fromkeys(all_notes))))
         order = {id(task): i for i, task in enumerate(tasks)}
         return sorted(results, key=lambda r: order[id(r.task)])
-
-    @staticmethod
-    def _chunks(pipe: Any, task: Task) -> int:
-        from render.prompts import conditioning_chunks
-
-        return conditioning_chunks(pipe, strip_extra_networks(task.prompt),
-                                   strip_extra_networks(task.negative), clip_skip=task.clip_skip)
 
     def _scheduler(self, task: Task, res: Resident) -> Any:
         from render.samplers import make_scheduler
@@ -551,7 +544,7 @@ class Engine:
     ) -> list[tuple[list[Any], dict[str, float], list[str]]]:
         import torch
 
-        from render.prompts import encode_prompts
+        from render.prompts import encode_schedules
 
         first = tasks[0]
         self._apply_memory(res, pipe)
@@ -560,11 +553,12 @@ class Engine:
         prompts = [strip_extra_networks(t.prompt) for t in tasks]
         negatives = [strip_extra_networks(t.negative) for t in tasks]
         with torch.no_grad():
-            embeds = encode_prompts(pipe, prompts, negatives, clip_skip=first.clip_skip)
+            conditioning = encode_schedules(pipe, prompts, negatives, steps=loop_steps(pipe, first),
+                                            clip_skip=first.clip_skip)
         encoded = time.perf_counter()
         gen_device = "cpu" if self.device in ("cpu", "mps") else self.device
         kwargs: dict[str, Any] = {
-            **embeds,
+            **conditioning.kwargs,
             "num_inference_steps": first.steps,
             "guidance_scale": first.cfg,
             "generator": [torch.Generator(gen_device).manual_seed(t.seed) for t in tasks],
@@ -574,11 +568,14 @@ class Engine:
             kwargs.update(height=first.height, width=first.width)
         if first.image:
             kwargs["image"] = [load_image(t.image, t.width, t.height, "RGB") for t in tasks]
-            if "strength" in params:
-                kwargs["strength"] = DEFAULT_STRENGTH if first.strength is None else first.strength
+        strength = _call_strength(first, params)
+        if strength is not None:
+            kwargs["strength"] = strength
         if first.mask:
             kwargs["mask_image"] = [load_image(t.mask, t.width, t.height, "L") for t in tasks]
         kwargs.update(self._task_inputs(tasks, pipe))
+        if conditioning.callback is not None:
+            kwargs.update(_step_callback(pipe, params, kwargs, conditioning))
         output = pipe(**kwargs)
         done = time.perf_counter()
         frames = getattr(output, "frames", None)
@@ -706,6 +703,54 @@ def _no_progress_bars() -> Iterator[None]:
 
 def _call_params(pipe: Any) -> set[str]:
     return set(inspect.signature(pipe.__call__).parameters)
+
+
+def _call_strength(task: Task, params: set[str]) -> float | None:
+    """The ``strength`` the engine passes for ``task``: img2img-style pipelines only."""
+    if not task.image or "strength" not in params:
+        return None
+    return DEFAULT_STRENGTH if task.strength is None else task.strength
+
+
+def loop_steps(pipe: Any, task: Task) -> int:
+    """How many denoising steps ``pipe`` will run for ``task``: what prompt editing counts.
+
+    diffusers' loop runs one step per timestep: ``steps`` for most samplers, one more for
+    PLMS, about twice as many model calls for second-order ones (Heun, DPM2); img2img and
+    inpainting skip the first ``steps - int(steps * strength)`` of them (``get_timesteps``).
+    Worked out on a fresh scheduler of the pipeline's kind; the pipeline's own is untouched.
+    """
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(task.steps)
+    timesteps = scheduler.timesteps
+    strength = _call_strength(task, _call_params(pipe))
+    if strength is not None:
+        skipped = max(task.steps - min(int(task.steps * strength), task.steps), 0)
+        timesteps = timesteps[skipped * scheduler.order:]
+    return len(timesteps)
+
+
+def _chunks(pipe: Any, task: Task) -> int:
+    from render.prompts import conditioning_chunks
+
+    return conditioning_chunks(pipe, strip_extra_networks(task.prompt),
+                               strip_extra_networks(task.negative), clip_skip=task.clip_skip,
+                               steps=loop_steps(pipe, task))
+
+
+def _step_callback(pipe: Any, params: set[str], kwargs: dict[str, Any],
+                   conditioning: Any) -> dict[str, Any]:
+    """The ``callback_on_step_end`` arguments that switch prompt embeddings between steps."""
+    allowed = set(getattr(pipe, "_callback_tensor_inputs", ()))
+    if "callback_on_step_end" not in params or not set(conditioning.tensor_inputs) <= allowed:
+        raise UserError(f"{type(pipe).__name__} cannot switch prompts between steps (no "
+                        f"callback_on_step_end for {', '.join(conditioning.tensor_inputs)}): "
+                        f"prompt editing and alternation need it")
+    if "callback_on_step_end" in kwargs:
+        raise UserError("a plugin's task_inputs sets callback_on_step_end, which prompt "
+                        "editing and alternation need for themselves")
+    return {"callback_on_step_end": conditioning.callback,
+            "callback_on_step_end_tensor_inputs": conditioning.tensor_inputs}
 
 
 def _groups_by(tasks: list[Task], key: Callable[[Task], Any]) -> list[list[Task]]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from render import jobfile, wildcards
+from render import prompts as prompt_syntax
 from render.errors import FieldError, JobError, JobErrors, Location, PluginError
 from render.fields import (
     AXIS_ONLY_KEYS,
@@ -48,6 +49,8 @@ OUTPUT_KEYS = ("dir", "name", "format", "grid")
 OUTPUT_FORMATS = ("png", "webp", "jpg")
 JOB_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 MAX_SEED = 2**64 - 1
+#: Expansions of a prompt template whose syntax is checked at load (each task's at build).
+PROMPT_CHECKS = 256
 
 #: Task defaults when neither ``defaults:`` nor the job sets a key (A1111's defaults).
 BUILTIN_DEFAULTS: dict[str, Any] = {
@@ -645,11 +648,24 @@ def parse_seeds(value: Any, base: int = 0) -> list[int]:
 
 
 def _check_template(jf: JobFile, template: Any, report: Any) -> int:
+    """Count a prompt template's expansions; report its wildcard or prompt-syntax problem.
+
+    Wildcards expand first, so the prompt syntax (``AND``, weights, in every branch of a
+    prompt edit) is checked on the expansions, the first ``PROMPT_CHECKS`` of them here;
+    :func:`_build_task` checks each task's own prompt as it is made.
+    """
     try:
-        return wildcards.count(str(template), jf.library)
+        combos = wildcards.count(str(template), jf.library)
+        expansions = wildcards.combinations(str(template), jf.library)
+        for expansion in itertools.islice(expansions, PROMPT_CHECKS):
+            problem = prompt_syntax.prompt_problem(expansion.text)
+            if problem:
+                report(problem)
+                break
     except wildcards.WildcardError as exc:
         report(exc.message)
         return 0
+    return combos
 
 
 def _prompt_count(jf: JobFile, raw: dict[str, Any], mode: str, draws: int, err: Any) -> int:
@@ -738,6 +754,10 @@ def _build_task(plan: JobPlan, base: dict[str, Any], overrides: dict[str, Any],
         prompt = prompt.replace(str(axis.values[0]), str(overrides["prompt_sr"]))
     if negative_has_choices:
         negative = wildcards.sample(negative, jf.library, rng).text
+    for key, text in (("prompt", prompt), ("negative", negative)):
+        problem = prompt_syntax.prompt_problem(text)
+        if problem:  # from a wildcard value, or an expansion _check_template did not reach
+            raise JobError(*plan.locate(key), problem)
 
     width, height = settings.pop("size")
     width = settings.pop("width", None) or width

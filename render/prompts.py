@@ -1,9 +1,14 @@
-"""AUTOMATIC1111 prompt syntax: attention weights, BREAK, long prompts, clip skip.
+"""AUTOMATIC1111 prompt syntax: attention weights, BREAK, long prompts, clip skip, prompt
+editing and alternation.
 
-Users paste prompts from A1111 and civitai, so ``(cat:1.2)``, ``[blurry]``, ``BREAK`` and
-prompts past 75 tokens must mean what they mean there. :func:`parse_attention` is pure
-Python (job validation calls it without torch); :func:`encode_prompts` turns prompts into
-the ``prompt_embeds`` family of keyword arguments for a diffusers pipeline call.
+Users paste prompts from A1111 and civitai, so ``(cat:1.2)``, ``[blurry]``, ``BREAK``,
+``[cat:dog:0.5]``, ``[red|blue]`` and prompts past 75 tokens must mean what they mean there.
+The parsers are pure Python (job validation calls :func:`prompt_problem` without torch):
+:func:`prompt_schedule` is A1111's prompt-editing schedule (which text until which step),
+:func:`parse_attention` the weights of one such text. :func:`encode_schedules` turns a
+batch's prompts into the ``prompt_embeds`` family of keyword arguments for a diffusers
+pipeline call, plus a ``callback_on_step_end`` that switches them between steps when a
+schedule changes; :func:`encode_prompts` does the same for prompts without editing.
 
 Why the embeddings are computed here rather than through compel (which the project also
 ships): compel cannot express the A1111 semantics this module promises.
@@ -24,9 +29,19 @@ What we reproduce, and where we differ from A1111 (documented choices):
   everything after it; a stray ``)`` or ``]`` is literal text; ``:1.2)`` with no open ``(`` is
   literal text; a lone backslash is dropped; ``\\(`` ``\\)`` ``\\[`` ``\\]`` ``\\\\`` are
   literal characters.
-- A1111 syntax we cannot render raises ``ValueError`` instead of turning into literal text:
-  prompt editing ``[a:b:0.5]`` / ``[a:0.5]``, alternation ``[a|b]``, and composition with an
-  uppercase ``AND``.
+- Prompt editing follows A1111 1.6+ (its default timeline): ``when`` with a '.' is a
+  fraction of the steps, without one a step number; the 0-based step ``i`` takes the first
+  schedule entry with ``i <= until`` (so ``[a|b]`` runs a, a, b, a, ...). Where A1111's own
+  parser is ambiguous (an edit directly followed by a bracket or colon that closes nothing,
+  ``[a:b:3]]``) its answer changes from run to run with Python's hash seed; we always read
+  the edit. A ``|`` outside ``[a|b]`` or a lone backslash makes A1111 give up on editing for
+  the whole prompt, and so do we. The steps counted are the ones the pipeline's loop runs
+  (img2img: ``int(steps * strength)``; second-order samplers: their model calls).
+- Composition with an uppercase ``AND`` raises ``ValueError`` (job validation reports it);
+  a trailing ``:number`` of a whole prompt (``cat:1.5``, ``16:9``), which A1111 takes as a
+  composition weight, is text here.
+- ``BREAK`` inside brackets, ``(a BREAK b)`` or ``[a BREAK b]``, still ends the chunk; A1111
+  multiplies its marker's weight by the bracket's and then encodes the word "break".
 - The mean restoration runs per prompt, not per batch as in A1111, so an image does not
   depend on the other prompts in its batch. (Padding still does: every prompt and negative
   of one call is padded to the longest one's chunk count with empty-prompt chunks, as
@@ -47,12 +62,26 @@ What we reproduce, and where we differ from A1111 (documented choices):
 
 from __future__ import annotations
 
+import itertools
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-__all__ = ["BREAK", "chunk_tokens", "encode_prompts", "parse_attention"]
+__all__ = [
+    "BREAK",
+    "ScheduledConditioning",
+    "chunk_tokens",
+    "conditioning_chunks",
+    "encode_prompts",
+    "encode_schedules",
+    "has_prompt_editing",
+    "parse_attention",
+    "prompt_problem",
+    "prompt_schedule",
+    "step_texts",
+]
 
 #: How :func:`parse_attention` marks a ``BREAK``; no written weight can be ``-inf``.
 BREAK: tuple[str, float] = ("BREAK", float("-inf"))
@@ -212,7 +241,7 @@ _PLAIN = re.compile(r"(?:[^\\\[\]():|]|\\.)+")
 _WHEN = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?))\s*\]")
 #: Deeper bracket nesting than this is read as text (no prompt nests so deep on purpose).
 MAX_EDIT_DEPTH = 100
-#: Validation checks at most this many of a prompt's branch combinations.
+#: Validation tries every combination of a prompt's branches up to this many.
 CHECK_LIMIT = 512
 
 
@@ -398,7 +427,8 @@ def step_texts(text: str, steps: int) -> list[str]:
 
 
 def _every_text(nodes: tuple[_Node, ...], limit: int) -> list[str]:
-    """Every text the branches can combine into (up to ``limit`` of them), for validation."""
+    """The texts the branches combine into, for validation: all of them while there are at
+    most ``limit``, past that enough for every branch of every edit to be in one."""
     texts = [""]
     for node in nodes:
         if isinstance(node, str):
@@ -407,10 +437,17 @@ def _every_text(nodes: tuple[_Node, ...], limit: int) -> list[str]:
             choices = _every_text(node.before or (), limit) + _every_text(node.after, limit)
         else:
             choices = [t for option in node.options for t in _every_text(option, limit)]
-        texts = list(dict.fromkeys(a + b for a in texts for b in choices))[:limit]
+        if len(texts) * len(choices) <= limit:
+            combined: Iterable[str] = (a + b for a in texts for b in choices)
+        else:  # too many to try them all: every text so far once, every choice once
+            combined = itertools.chain(
+                (a + choices[i % len(choices)] for i, a in enumerate(texts)),
+                (texts[0] + b for b in choices))
+        texts = list(dict.fromkeys(combined))
     return texts
 
 
+@lru_cache(maxsize=4096)
 def prompt_problem(text: str) -> str | None:
     """Why the renderer could not honour the prompt ``text``, or None. Pure Python.
 
@@ -426,7 +463,7 @@ def prompt_problem(text: str) -> str | None:
         try:
             parse_attention(candidate)
         except ValueError as exc:
-            return str(exc)
+            return str(exc) if candidate == visible else f"{exc}, a step of {visible!r}"
     return None
 
 
@@ -613,34 +650,51 @@ def _encoders(pipe: Any, clip_skip: int) -> list[_Encoder]:
     ]
 
 
-def conditioning_chunks(pipe: Any, prompt: str, negative: str, *, clip_skip: int = 1) -> int:
+def _zero_empty(pipe: Any) -> bool:
+    """SDXL's ``force_zeros_for_empty_prompt``: an empty negative is all zeros."""
+    config = getattr(pipe, "config", None)
+    return _is_sdxl(pipe) and bool(getattr(config, "force_zeros_for_empty_prompt", False))
+
+
+def _distinct(texts: list[str]) -> list[str]:
+    return list(dict.fromkeys(texts))
+
+
+def conditioning_chunks(pipe: Any, prompt: str, negative: str, *, clip_skip: int = 1,
+                        steps: int | None = None) -> int:
     """How many 75-token chunks one task's conditioning has when encoded on its own.
 
-    :func:`encode_prompts` pads a batch to its longest prompt; a short prompt padded with
+    :func:`encode_schedules` pads a batch to its longest prompt; a short prompt padded with
     empty chunks gives another image, so tasks with different counts must not share a
-    pipeline call (the engine groups by this). Tokenizes only; encodes nothing.
+    pipeline call (the engine groups by this). With prompt editing the count is the most
+    chunks of any text the ``steps`` denoising steps use (``steps`` None: the prompts must
+    not be edited). Tokenizes only; encodes nothing.
     """
     encoders = _encoders(pipe, clip_skip)
-    zero_empty = _is_sdxl(pipe) and bool(getattr(pipe.config, "force_zeros_for_empty_prompt",
-                                                 False))
-    texts = [prompt] if zero_empty and negative == "" else [prompt, negative]
-    return max(len(enc.chunks(parse_attention(text))) for text in texts for enc in encoders)
+    texts = _step_text_sets(prompt, negative, steps)
+    if _zero_empty(pipe) and texts[1] == [""]:
+        texts = (texts[0], [])
+    return max(len(enc.chunks(parse_attention(text))) for text in (*texts[0], *texts[1])
+               for enc in encoders)
 
 
-def encode_prompts(
-    pipe: Any, prompts: list[str], negatives: list[str], *, clip_skip: int = 1
-) -> dict[str, Any]:
-    """Encode A1111-syntax prompts into the embeddings keyword arguments of ``pipe(...)``.
+def _step_text_sets(prompt: str, negative: str, steps: int | None) -> tuple[list[str], list[str]]:
+    if steps is None:
+        for text in (prompt, negative):
+            _refuse_editing(text, "conditioning_chunks without steps")
+        return [prompt], [negative]
+    return _distinct(step_texts(prompt, steps)), _distinct(step_texts(negative, steps))
 
-    Returns ``prompt_embeds`` and ``negative_prompt_embeds`` (batch = ``len(prompts)``), plus
-    ``pooled_prompt_embeds`` and ``negative_pooled_prompt_embeds`` for SDXL. Long prompts are
-    cut into 75-token chunks and concatenated, never truncated; all results are padded to the
-    same chunk count. ``clip_skip`` is A1111's: 1 is the last layer (diffusers' default), 2
-    the penultimate (diffusers' ``clip_skip=1``). A prompt whose weights are all 1.0 gives
-    exactly what the pipeline computes from ``prompt=`` for up to 75 tokens.
-    """
-    import torch
 
+def _refuse_editing(text: str, what: str) -> None:
+    if has_prompt_editing(text):
+        raise ValueError(
+            f"prompt editing / alternation ('[a:b:when]', '[a|b]') is not supported by {what}, "
+            f"which has no step count: {text!r}; use encode_schedules"
+        )
+
+
+def _check_call(prompts: list[str], negatives: list[str], clip_skip: int) -> None:
     if len(prompts) != len(negatives):
         raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
     if not prompts:
@@ -654,12 +708,59 @@ def encode_prompts(
                 f"prompt still holds the tag {tags[0].group(0)!r}: extra-network tags must be "
                 f"taken out (by the lora plugin) before the prompt is encoded"
             )
-    parsed_prompts = [parse_attention(p) for p in prompts]
-    parsed_negatives = [parse_attention(n) for n in negatives]
+
+
+def encode_prompts(
+    pipe: Any, prompts: list[str], negatives: list[str], *, clip_skip: int = 1
+) -> dict[str, Any]:
+    """Encode A1111-syntax prompts into the embeddings keyword arguments of ``pipe(...)``.
+
+    Returns ``prompt_embeds`` and ``negative_prompt_embeds`` (batch = ``len(prompts)``), plus
+    ``pooled_prompt_embeds`` and ``negative_pooled_prompt_embeds`` for SDXL. Long prompts are
+    cut into 75-token chunks and concatenated, never truncated; all results are padded to the
+    same chunk count. ``clip_skip`` is A1111's: 1 is the last layer (diffusers' default), 2
+    the penultimate (diffusers' ``clip_skip=1``). A prompt whose weights are all 1.0 gives
+    exactly what the pipeline computes from ``prompt=`` for up to 75 tokens. One text per
+    prompt: prompt editing needs the step count (:func:`encode_schedules`).
+    """
+    _check_call(prompts, negatives, clip_skip)
+    for text in (*prompts, *negatives):
+        _refuse_editing(text, "encode_prompts")
+    zero = _zero_empty(pipe)
+    embeds, pooled = _encode_texts(
+        pipe, [(p, False) for p in prompts] + [(n, zero and n == "") for n in negatives],
+        clip_skip)
+    return _call_kwargs(embeds, pooled, list(range(len(prompts))),
+                        list(range(len(prompts), len(embeds))))
+
+
+def _call_kwargs(embeds: list[Any], pooled: list[Any], rows: list[int],
+                 negative_rows: list[int]) -> dict[str, Any]:
+    """The pipeline's embeddings arguments: prompt ``rows`` and ``negative_rows`` of a batch."""
+    import torch
+
+    out: dict[str, Any] = {
+        "prompt_embeds": torch.cat([embeds[i] for i in rows]),
+        "negative_prompt_embeds": torch.cat([embeds[i] for i in negative_rows]),
+    }
+    if pooled[0] is not None:
+        out["pooled_prompt_embeds"] = torch.cat([pooled[i] for i in rows])
+        out["negative_pooled_prompt_embeds"] = torch.cat([pooled[i] for i in negative_rows])
+    return out
+
+
+def _encode_texts(pipe: Any, texts: list[tuple[str, bool]], clip_skip: int
+                  ) -> tuple[list[Any], list[Any]]:
+    """Embeddings ``(1, tokens, dim)`` and pooled ``(1, dim)`` (SDXL; else None) per text.
+
+    ``texts`` are ``(text, zero)``; a zero one (SDXL's empty negative) is all zeros, and the
+    first text must not be one. Every text is padded with empty-prompt chunks to the most
+    chunks of any of them.
+    """
+    import torch
 
     encoders = _encoders(pipe, clip_skip)
     sdxl = _is_sdxl(pipe)
-    zero_empty = sdxl and bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
     device = getattr(pipe, "_execution_device", None) or encoders[0].text_encoder.device
 
     with torch.no_grad():
@@ -695,17 +796,12 @@ def encode_prompts(
                 chunks.append(torch.cat(parts, dim=-1))
             return chunks, pooled
 
-        results: list[tuple[list[Any], Any, bool]] = []
-        for fragments in parsed_prompts:
-            results.append((*encode(fragments), False))
-        for text, fragments in zip(negatives, parsed_negatives, strict=True):
-            if zero_empty and text == "":
-                results.append(([], None, True))
-            else:
-                results.append((*encode(fragments), False))
-
+        results: list[tuple[list[Any], Any, bool]] = [
+            ([], None, True) if zero else (*encode(parse_attention(text)), False)
+            for text, zero in texts
+        ]
         longest = max(len(chunks) for chunks, _, zero in results if not zero)
-        reference = results[0][0][0]  # a prompt's first chunk: never a zeroed negative
+        reference = results[0][0][0]  # the first text's first chunk: never a zeroed one
         embeds = []
         for chunks, _, zero in results:
             if zero:
@@ -715,17 +811,100 @@ def encode_prompts(
                 padding = [padding_chunk() for _ in range(longest - len(chunks))]
                 embeds.append(torch.cat([*chunks, *padding], dim=1))
 
-    n = len(prompts)
-    out: dict[str, Any] = {
-        "prompt_embeds": torch.cat(embeds[:n]),
-        "negative_prompt_embeds": torch.cat(embeds[n:]),
-    }
-    if sdxl:
-        pooled_reference = results[0][1]
-        pooled_all = [
-            pooled_reference.new_zeros(pooled_reference.shape) if zero else pooled
-            for _, pooled, zero in results
-        ]
-        out["pooled_prompt_embeds"] = torch.cat(pooled_all[:n])
-        out["negative_pooled_prompt_embeds"] = torch.cat(pooled_all[n:])
-    return out
+    pooled_reference = results[0][1]
+    pooled_all = [
+        pooled_reference.new_zeros(pooled_reference.shape) if sdxl and zero else pooled
+        for _, pooled, zero in results
+    ]
+    return embeds, pooled_all
+
+
+@dataclass
+class ScheduledConditioning:
+    """What :func:`encode_schedules` gives a pipeline call.
+
+    ``kwargs``: the embeddings arguments for the first step. ``callback``: for diffusers'
+    ``callback_on_step_end`` with ``tensor_inputs`` as ``callback_on_step_end_tensor_inputs``;
+    None when no task's prompt or negative changes during the steps (then the call is exactly
+    a plain one). ``texts``: per task, the prompt and the negative text of every step.
+    """
+
+    kwargs: dict[str, Any]
+    callback: Callable[..., dict[str, Any]] | None
+    tensor_inputs: list[str]
+    texts: list[tuple[list[str], list[str]]]
+
+
+def encode_schedules(pipe: Any, prompts: list[str], negatives: list[str], *, steps: int,
+                     clip_skip: int = 1) -> ScheduledConditioning:
+    """Encode prompts with A1111 prompt editing and alternation for a ``steps``-step call.
+
+    ``steps`` is the number of denoising steps the pipeline's loop will run (img2img runs
+    fewer than asked: the schedule counts the ones that run). Each distinct text of the
+    batch's schedules is encoded once, as :func:`encode_prompts` would (A1111 weights,
+    chunks, every text padded to the most chunks); the callback then switches
+    ``prompt_embeds`` (and SDXL's pooled ``add_text_embeds``) between steps, each task of the
+    batch on its own schedule.
+    """
+    _check_call(prompts, negatives, clip_skip)
+    zero = _zero_empty(pipe)
+    texts = [(step_texts(p, steps), step_texts(n, steps)) for p, n in zip(prompts, negatives,
+                                                                          strict=True)]
+    # A negative that is empty at every step is SDXL's zeros; one empty at some steps only is
+    # encoded (A1111 zeroes a negative only when all its texts are empty).
+    zeroed = [zero and set(n) == {""} for _, n in texts]
+    items: dict[tuple[str, bool], int] = {}  # (text, zeroed) -> index of its embedding
+    for prompt_steps, _ in texts:
+        for text in prompt_steps:
+            items.setdefault((text, False), len(items))
+    for (_, negative_steps), empty in zip(texts, zeroed, strict=True):
+        for text in negative_steps:
+            items.setdefault((text, empty), len(items))
+    embeds, pooled = _encode_texts(pipe, list(items), clip_skip)
+    per_step = [([items[(p[step], False)] for p, _ in texts],
+                 [items[(n[step], empty)] for (_, n), empty in zip(texts, zeroed, strict=True)])
+                for step in range(len(texts[0][0]))]
+    first = _call_kwargs(embeds, pooled, *per_step[0])
+    if all(r == per_step[0] for r in per_step):
+        return ScheduledConditioning(first, None, [], texts)
+    switch = _StepSwitch(embeds, pooled, per_step)
+    return ScheduledConditioning(first, switch, switch.tensor_inputs, texts)
+
+
+class _StepSwitch:
+    """``callback_on_step_end``: after step ``i``, give step ``i + 1``'s embeddings.
+
+    The pipeline holds ``prompt_embeds`` (and SDXL's ``add_text_embeds``) as one tensor,
+    ``[negatives, prompts]`` under classifier-free guidance, the prompts alone without it.
+    """
+
+    def __init__(self, embeds: list[Any], pooled: list[Any],
+                 per_step: list[tuple[list[int], list[int]]]) -> None:
+        self.embeds = embeds
+        self.pooled = pooled
+        self.per_step = per_step
+        self.tensor_inputs = ["prompt_embeds"]
+        if pooled[0] is not None:
+            self.tensor_inputs.append("add_text_embeds")
+
+    def __call__(self, pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        steps = len(self.per_step)
+        if i == 0 and getattr(pipe, "_num_timesteps", steps) != steps:
+            raise RuntimeError(f"{type(pipe).__name__} runs {pipe._num_timesteps} steps, but "
+                               f"the prompt schedule was made for {steps}")
+        if i + 1 >= steps or self.per_step[i + 1] == self.per_step[i]:
+            return {}
+        batch = _call_kwargs(self.embeds, self.pooled, *self.per_step[i + 1])
+        guided = bool(getattr(pipe, "do_classifier_free_guidance", True))
+        out = {}
+        for name, positive, negative in (
+            ("prompt_embeds", "prompt_embeds", "negative_prompt_embeds"),
+            ("add_text_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
+        ):
+            if name in self.tensor_inputs:
+                value = (torch.cat([batch[negative], batch[positive]]) if guided
+                         else batch[positive])
+                out[name] = value.to(tensors[name])
+        return out

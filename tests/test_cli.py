@@ -78,15 +78,21 @@ def test_bad_input_one_line_per_error_no_traceback_nothing_written(tmp_path, kit
     assert not (tmp_path / "out").exists()
 
 
+def dry_run_error(job: Path) -> str:
+    """The one error line a dry run of ``job`` prints (exit code 2, no traceback)."""
+    result = run_cli(str(job), "--dry-run")
+    assert result.returncode == 2, result.stdout
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.splitlines()
+    return line
+
+
 def test_missing_model_is_a_preflight_error_listing_folders(tmp_path, kit):
     job = demo_job(tmp_path, kit, "jobs:\n  - name: x\n    prompt: hi\n"
                    "    model: no-such-model\n")
-    result = run_cli(str(job), "--dry-run")
-    assert result.returncode == 2, result.stdout
-    (line,) = result.stderr.splitlines()
+    line = dry_run_error(job)
     assert line.startswith(f"error: {job}:8:12: jobs[0].model: ")
     assert "no-such-model" in line and str(kit) in line
-    assert "Traceback" not in result.stderr
 
 
 def test_explosion_guard_refuses_with_count_and_flag(tmp_path, kit):
@@ -168,3 +174,15 @@ def test_output_name_and_schedule_mistakes_are_located_at_their_own_keys(tmp_pat
     assert [line.split(": ", 3)[2] for line in result.stderr.splitlines()] == [
         "jobs[0].schedule", "jobs[0].output.name"]
     assert "unknown schedule type 'Foo'; known schedule types:" in result.stderr
+
+
+def test_prompt_syntax_is_a_located_validation_error(tmp_path, kit):
+    job = demo_job(tmp_path, kit, "jobs:\n  - name: x\n    prompt: cats AND dogs\n")
+    assert dry_run_error(job).startswith(f"error: {job}:7:13: jobs[0].prompt: 'AND' is "
+                                         "A1111's prompt-composition keyword")
+    edited = demo_job(tmp_path, kit, "jobs:\n  - name: x\n    prompt: 'a [cat:dog:0.5] [a|b]"
+                      " [artist: foo]'\n    negative: '[(ugly:1.2.3)::2]'\n")
+    assert dry_run_error(edited).startswith(f"error: {edited}:8:15: jobs[0].negative: "
+                                            "attention weight '1.2.3'")
+    fine = demo_job(tmp_path, kit, "jobs:\n  - name: x\n    prompt: a [cat:dog:0.5] [a|b]\n")
+    assert run_cli(str(fine), "--dry-run").returncode == 0

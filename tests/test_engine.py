@@ -314,18 +314,22 @@ def test_default_pipeline_class() -> None:
 # -- memory ---------------------------------------------------------------------------------
 class FlakyUNet:
     """Wraps a UNet forward: raises OOM when it sees more than ``limit`` samples, ``times``
-    times in all (CFG doubles the batch: 2 images -> 4 samples)."""
+    times in all (CFG doubles the batch: 2 images -> 4 samples). Records what each call was
+    conditioned on: ``(encoder_hidden_states, SDXL's text_embeds or None)``."""
 
-    def __init__(self, unet: Any, limit: int, times: int) -> None:
+    def __init__(self, unet: Any, limit: int = sys.maxsize, times: int = 0) -> None:
         self.unet, self.limit, self.times = unet, limit, times
         self.original = unet.forward
         self.raised = 0
+        self.conditioning: list[tuple[Any, Any]] = []
 
     def __enter__(self) -> FlakyUNet:
         def forward(sample: Any, *args: Any, **kwargs: Any) -> Any:
             if sample.shape[0] > self.limit and self.raised < self.times:
                 self.raised += 1
                 raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            added = kwargs.get("added_cond_kwargs") or {}
+            self.conditioning.append((kwargs["encoder_hidden_states"], added.get("text_embeds")))
             return self.original(sample, *args, **kwargs)
 
         self.unet.forward = forward
@@ -470,3 +474,112 @@ def test_a_task_renders_the_same_whatever_its_batch_neighbours(
     assert [r.timings["batch"] for r in together] == [2, 2, 2, 2]   # (short, short_too), ...
     assert diff(alone, together[0]) <= 1     # the CPU's batch-size float noise, at most
     assert diff(render(engine, long)[0], together[1]) <= 1
+
+
+# -- prompt editing and alternation -------------------------------------------------------------
+def conditioned(engine: Any, *tasks: Task) -> tuple[list[Result], list[tuple[Any, Any]]]:
+    """Render ``tasks`` and record what the UNet was conditioned on, step by step."""
+    unet = engine.resident(tasks[0].files["model"]).pipe.unet   # every view shares it
+    with FlakyUNet(unet) as spy:
+        results = render(engine, *tasks)
+    return results, spy.conditioning
+
+
+def rows(steps: list[tuple[Any, Any]], row: int) -> list[tuple[Any, Any]]:
+    """One batch row (CFG: negatives first, then prompts) of every step's conditioning."""
+    return [(h[row], None if p is None else p[row]) for h, p in steps]
+
+
+def same(a: list[tuple[Any, Any]], b: list[tuple[Any, Any]]) -> bool:
+    return len(a) == len(b) and all(
+        torch.equal(ha, hb) and (pa is None and pb is None or torch.equal(pa, pb))
+        for (ha, pa), (hb, pb) in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("model", ["tiny-sd15", "tiny-sdxl"])
+def test_prompt_editing_switches_the_conditioning_between_steps(
+        engine: Any, resolver: ModelResolver, model: str) -> None:
+    def run(prompt: str) -> tuple[Result, list[tuple[Any, Any]]]:
+        (result,), steps = conditioned(engine, make(resolver, model=model, prompt=prompt, steps=4))
+        return result, rows(steps, 1)   # the prompt's row (SDXL: its pooled embedding too)
+
+    cat, cat_steps = run("a cat")
+    dog, dog_steps = run("a dog")
+    edited, steps = run("a [cat:dog:0.25]")   # A1111: steps 0 and 1 'a cat', then 'a dog'
+    assert same(steps, cat_steps[:2] + dog_steps[2:])
+    assert diff(edited, cat) > 0 and diff(edited, dog) > 10
+    alternated, steps = run("a [cat|dog]")    # A1111's order: cat, cat, dog, cat
+    assert same(steps, cat_steps[:2] + dog_steps[2:3] + cat_steps[3:])
+    assert diff(alternated, cat) > 0 and diff(alternated, dog) > 10
+    # a schedule that never switches is the plain prompt it reduces to, bit for bit
+    assert diff(run("a [cat:dog:99]")[0], cat) == 0
+    assert diff(run("a [cat:dog:0]")[0], dog) == 0
+    assert diff(run("a [cat::2]")[0], run("a ")[0]) > 0
+
+
+def test_a_batch_keeps_each_tasks_schedule(engine: Any, resolver: ModelResolver) -> None:
+    tasks = [make(resolver, seed=41, prompt="a [cat:dog:0.25]"),
+             make(resolver, seed=42, prompt="a [red|blue] house", negative="[blurry::0.5]"),
+             make(resolver, seed=43, prompt="a green shed")]
+    together, steps = conditioned(engine, *tasks)
+    assert [r.timings["batch"] for r in together] == [3, 3, 3]   # one call, three schedules
+    for k, task in enumerate(tasks):
+        (alone,), alone_steps = conditioned(engine, task)
+        assert diff(alone, together[k]) <= 1     # the CPU's batch-size float noise, at most
+        for row in (0, 1):                       # the task's negative and prompt rows
+            assert same(rows(steps, row * 3 + k), rows(alone_steps, row)), (k, row)
+    _, blurry_steps = conditioned(engine, dataclasses.replace(tasks[1], negative="blurry"))
+    _, empty_steps = conditioned(engine, dataclasses.replace(tasks[1], negative=""))
+    # [blurry::0.5] of 3 steps: 'blurry' at steps 0 and 1, then nothing
+    assert same(rows(steps, 1), rows(blurry_steps, 0)[:2] + rows(empty_steps, 0)[2:])
+
+
+def test_img2img_schedules_over_the_steps_that_run(
+        engine: Any, resolver: ModelResolver, refs: dict) -> None:
+    from render.engine import loop_steps
+
+    house = str(refs["house.png"])
+    edited = make(resolver, prompt="a [cat:dog:0.5]", image=house, strength=0.5, steps=8)
+    (result,), steps = conditioned(engine, edited)
+    assert len(steps) == 4      # int(8 * 0.5) steps run
+    pipe = engine.pipeline_for(engine.resident(edited.files["model"]), edited)
+    assert loop_steps(pipe, edited) == 4
+    (cat,), cat_steps = conditioned(engine, dataclasses.replace(edited, prompt="a cat"))
+    (dog,), dog_steps = conditioned(engine, dataclasses.replace(edited, prompt="a dog"))
+    # 0.5 of the 4 steps that run: 'a dog' at the last one. Counted over 8 steps, the switch
+    # (after step 4) would never come.
+    assert same(rows(steps, 1), rows(cat_steps, 1)[:3] + rows(dog_steps, 1)[3:])
+    assert diff(result, dog) > 1
+    mask = str(refs["mask.png"])
+    inpaint = dataclasses.replace(edited, mask=mask, strength=0.9, steps=5)
+    (_,), steps = conditioned(engine, inpaint)
+    assert len(steps) == 4      # int(5 * 0.9)
+
+
+@pytest.mark.parametrize(("sampler", "calls"), [("Heun", 7), ("PLMS", 5), ("DPM++ 2M", 4)])
+def test_prompt_editing_counts_the_samplers_model_calls(
+        engine: Any, resolver: ModelResolver, sampler: str, calls: int) -> None:
+    # Heun and DPM2 call the model about twice a step, PLMS once more than the steps: the
+    # schedule counts the calls, as A1111 counts its second-order samplers' calls
+    (result,), steps = conditioned(engine, make(resolver, prompt="a [cat|dog]", sampler=sampler,
+                                                steps=4))
+    assert len(steps) == calls and result.images[0].size == (64, 64)
+
+
+def test_prompt_editing_with_weights_break_and_long_prompts(
+        engine: Any, resolver: ModelResolver) -> None:
+    # each branch is two chunks (a BREAK; 96 tokens): padded alike, and never batched with
+    # a one-chunk prompt
+    edited = make(resolver, seed=51, steps=4,
+                  prompt="a [(cat:1.4) BREAK on a mat:" + LONG + ":1]")
+    short = make(resolver, seed=52, steps=4, prompt="a [green|red] shed")
+    together, steps = conditioned(engine, edited, short)
+    assert [r.timings["batch"] for r in together] == [1, 1]   # 2 chunks and 1: two calls
+    assert [h.shape[1] for h, _ in steps] == [154] * 4 + [77] * 4
+    (alone,), alone_steps = conditioned(engine, edited)
+    assert diff(alone, together[0]) == 0
+    (mat,), mat_steps = conditioned(engine, dataclasses.replace(
+        edited, prompt="a (cat:1.4) BREAK on a mat"))
+    (long,), long_steps = conditioned(engine, dataclasses.replace(edited, prompt="a " + LONG))
+    assert same(rows(alone_steps, 1), rows(mat_steps, 1)[:2] + rows(long_steps, 1)[2:])
+    assert diff(alone, mat) > 0 and diff(alone, long) > 10

@@ -222,6 +222,45 @@ def test_missing_wildcard_names_the_line(write_job, core_plugins):
     assert "__nothing__" in message
 
 
+def test_prompt_syntax_is_checked_at_load(write_job, core_plugins, tmp_path):
+    (tmp_path / "wildcards").mkdir()
+    (tmp_path / "wildcards" / "pair.txt").write_text("cat\ncats AND dogs\n")
+    path = write_job(BASE + """
+jobs:
+  - name: composition
+    prompt: cats AND dogs
+  - name: branch
+    prompt: "a [(cat:1.2.3):dog:0.5]"
+  - name: wildcard
+    prompt: "a __pair__"
+  - name: axis
+    grid: {prompt: ["[a|b]", "[a|b AND c]"]}
+  - name: fine
+    prompt: "a [cat:dog:0.5] [red|blue] [artist: foo] (x:1.2) BREAK, 16:9 <lora:x:1>"
+    negative: "[ugly::0.3]"
+""")
+    errors = errors_of(path, core_plugins)
+    assert [e.split(": ", 2)[:2] for e in errors] == [
+        [f"{path}:11:13", "jobs[0].prompt"], [f"{path}:13:13", "jobs[1].prompt"],
+        [f"{path}:15:13", "jobs[2].prompt"], [f"{path}:17:30", "jobs[3].grid.prompt"]]
+    assert "prompt-composition" in errors[0] and "'1.2.3' is not a number" in errors[1]
+    assert "'a cats AND dogs'" in errors[2]
+
+
+def test_prompt_syntax_beyond_the_load_checks_fails_at_expansion(write_job, core_plugins,
+                                                                 tmp_path):
+    from render.errors import JobError
+
+    (tmp_path / "wildcards").mkdir()
+    values = [f"word{i}" for i in range(expand.PROMPT_CHECKS)] + ["x AND y"]
+    (tmp_path / "wildcards" / "many.txt").write_text("\n".join(values))
+    path = write_job(BASE + "jobs:\n  - name: w\n    prompt: __many__\n"
+                     "    wildcards: combinatorial\n")
+    with pytest.raises(JobError) as info:
+        tasks_of(path, core_plugins)
+    assert str(info.value).startswith(f"{path}:10:13: jobs[0].prompt: 'AND' is A1111's")
+
+
 def test_unknown_sampler_lists_known_ones(write_job, core_plugins):
     path = write_job(BASE + "jobs:\n  - {name: s, prompt: x, sampler: Euler b}\n")
     (message,) = errors_of(path, core_plugins)

@@ -11,7 +11,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from render.prompts import BREAK, chunk_tokens, parse_attention
+from render.prompts import (
+    BREAK,
+    chunk_tokens,
+    has_prompt_editing,
+    parse_attention,
+    prompt_schedule,
+)
 
 # --------------------------------------------------------------------------------------------
 # tiny pipelines (local until render.testing lands; random weights, real code paths)
@@ -231,14 +237,22 @@ def test_weights_multiply_in_a1111_order() -> None:
     assert parse_attention("((a):1.5)") == [("a", 1.1 * 1.5)]
 
 
-@pytest.mark.parametrize(
-    "text",
-    ["[cat:dog:0.5]", "[cat:0.5]", "[cat::0.5]", "[cat|dog]", "a [b|c|d] e", "([a:b:3])",
-     "cats AND dogs", "(x AND y)", "a AND"],
-)
+@pytest.mark.parametrize("text", ["cats AND dogs", "(x AND y)", "a AND"])
 def test_unsupported_a1111_syntax_is_an_error(text: str) -> None:
-    with pytest.raises(ValueError, match="not supported|does not support"):
+    with pytest.raises(ValueError, match="does not support"):
         parse_attention(text)
+
+
+@pytest.mark.parametrize(
+    "text", ["[cat:dog:0.5]", "[cat:0.5]", "[cat::0.5]", "[cat|dog]", "a [b|c|d] e", "([a:b:3])"]
+)
+def test_prompt_editing_is_resolved_before_attention(text: str) -> None:
+    # once refused here; now scheduled first (tests/test_prompt_editing.py), and
+    # parse_attention only ever sees one step's text, free of edits
+    assert has_prompt_editing(text)
+    for _, step_text in prompt_schedule(text, 10):
+        assert not has_prompt_editing(step_text)
+        parse_attention(step_text)
 
 
 @pytest.mark.parametrize(

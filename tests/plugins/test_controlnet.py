@@ -656,3 +656,30 @@ jobs:
     out = tmp_path / "out" / "house"
     assert (out / "0.png").is_file()
     assert not (out / "0-control-0.png").exists()
+
+
+def test_prompt_editing_composes_with_controlnet(tmp_path, kit, refs, plugins, engine):
+    """A ControlNet pipeline switches the prompt between steps like the core's: the edited
+    prompt renders between its two ends; one that never switches equals the plain prompt."""
+    path = job(tmp_path, kit, f"""jobs:
+  - name: cat
+    prompt: a cat
+    controlnet: [{unit(refs)}]
+  - name: dog
+    prompt: a dog
+    controlnet: [{unit(refs)}]
+  - name: edited
+    prompt: "a [cat:dog:0.5]"
+    controlnet: [{unit(refs)}]
+  - name: never
+    prompt: "a [cat:dog:99]"
+    controlnet: [{unit(refs)}]
+""")
+    images = {}
+    for task in plan(path, plugins):
+        (result,) = engine.render(Batch(("t",), (task,)))
+        import numpy as np
+
+        images[task.job] = np.asarray(result.images[0], dtype=np.float64)
+    assert np.array_equal(images["never"], images["cat"])
+    assert diff(images["edited"], images["cat"]) > 0 and diff(images["edited"], images["dog"]) > 0

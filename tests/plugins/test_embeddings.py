@@ -225,6 +225,20 @@ def test_embedding_changes_pixels_and_only_whole_words(
     assert all(t.single_word for t in added.values())
 
 
+def test_embedding_inside_a_prompt_edit(job: Any, plugins: Any, engine: Any) -> None:
+    tasks = by_job(resolve(job("""\
+          - name: edit
+            prompt: "a [tiny-emb:cat:2] house"
+            steps: 4
+    """), plugins))
+    task = tasks["edit"]
+    assert embeddings_of(task) == ["embedding:tiny-emb"]
+    literal = render_one(engine, without_embeddings(task))  # the name as text, steps 0-2
+    cat = render_one(engine, dataclasses.replace(task, prompt="a cat house"))
+    with_emb = render_one(engine, task)
+    assert diff(with_emb, literal) > 5 and diff(with_emb, cat) > 5
+
+
 def test_sdxl_embedding_loads_into_both_encoders(job: Any, plugins: Any, engine: Any) -> None:
     tasks = by_job(resolve(job("""\
           - name: xl

@@ -142,6 +142,19 @@ def test_inline_tags_merge_into_the_section(job: Any, plugins: Any) -> None:
     assert tasks["inline"].prompt == "a house <lora:tiny-lora-a:0.8> <lyco:tiny-lora-b:0.2:0.9>"
 
 
+def test_a_tag_inside_a_prompt_edit_applies_to_the_whole_render(job: Any, plugins: Any) -> None:
+    from render.prompts import prompt_schedule, strip_extra_networks
+
+    (task,) = resolve(job("""\
+          - name: edit
+            prompt: "a [house <lora:tiny-lora-a:0.8>:barn:0.5]"
+    """), plugins)
+    # as in A1111, extra networks are taken out of the whole prompt before it is scheduled
+    assert task.sections["lora"] == {"tiny-lora-a": {"te": 0.8, "unet": 0.8}}
+    assert prompt_schedule(strip_extra_networks(task.prompt), 4) == [(2, "a house "),
+                                                                     (4, "a barn")]
+
+
 def test_grid_axis_over_a_weight_yields_distinct_tasks(job: Any, plugins: Any, lora: Any) -> None:
     tasks = resolve(job("""\
           - name: weights
