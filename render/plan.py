@@ -93,11 +93,11 @@ class Preflight:
                                    models=self.models)
             except FieldError as exc:
                 for error in getattr(exc, "errors", [exc]):   # FieldErrors: several at once
-                    self._fail(plan, error.key or _plugin_key(task, plugin_name), error)
+                    self._fail(plan, error.key or plugin_key(task, plugin_name), error)
                 failed = True
                 continue
             except PluginError as exc:
-                self.plugin_failed(plan, exc, _plugin_key(task, plugin_name))
+                self.plugin_failed(plan, exc, plugin_key(task, plugin_name))
                 return None
             if extra:
                 files.update(extra)
@@ -116,7 +116,7 @@ class Preflight:
             mine.append(error)
 
 
-def _plugin_key(task: Task, plugin_name: str | None) -> str:
+def plugin_key(task: Task, plugin_name: str | None) -> str:
     """The section a plugin owns, to locate its preflight errors (plugin name == key).
 
     A plugin whose error concerns another key says so with ``FieldError(key=...)``; the

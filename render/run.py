@@ -18,7 +18,7 @@ from typing import Any
 from render import expand
 from render.errors import EXIT_FAILED, EXIT_OK, JobError, JobErrors, PluginError, UserError
 from render.expand import JobFile, JobPlan
-from render.plan import Preflight
+from render.plan import Preflight, plugin_key
 from render.plugins import Plugins, load_plugins
 from render.tasks import Task
 
@@ -42,12 +42,14 @@ def load_all(paths: list[str], plugins: Plugins) -> list[JobFile]:
     return files
 
 
-def selected_plans(files: list[JobFile], only: list[str]) -> list[JobPlan]:
-    def wanted(name: str) -> bool:
-        return not only or any(fnmatch.fnmatchcase(name, p) for p in only)
+def _selected(name: str, only: list[str]) -> bool:
+    """Whether ``--only`` (globs; none given: every job) selects job ``name``."""
+    return not only or any(fnmatch.fnmatchcase(name, p) for p in only)
 
-    plans = [plan for jf in files for plan in jf.jobs if wanted(plan.job.name)]
-    if only and not plans and not any(wanted(n) for jf in files for n in jf.broken):
+
+def selected_plans(files: list[JobFile], only: list[str]) -> list[JobPlan]:
+    plans = [plan for jf in files for plan in jf.jobs if _selected(plan.job.name, only)]
+    if only and not plans and not any(_selected(n, only) for jf in files for n in jf.broken):
         names = ", ".join(plan.job.name for jf in files for plan in jf.jobs)
         raise UserError(f"--only {' '.join(only)} matches no job (jobs: {names})")
     return plans
@@ -56,7 +58,7 @@ def selected_plans(files: list[JobFile], only: list[str]) -> list[JobPlan]:
 def broken_at_load(files: list[JobFile], only: list[str]) -> dict[str, list[JobError]]:
     """Selected jobs a failed plugin keeps from rendering (their files loaded fine)."""
     return {name: errors for jf in files for name, errors in jf.broken.items()
-            if not only or any(fnmatch.fnmatchcase(name, p) for p in only)}
+            if _selected(name, only)}
 
 
 def report_broken(broken: dict[str, list[JobError]]) -> None:
@@ -98,8 +100,7 @@ def iter_resolved(plans: list[JobPlan], plugins: Plugins, limit: int | None,
             try:
                 finals = expand.plugin_expand(task, plugins)
             except PluginError as exc:
-                checker.plugin_failed(plan, exc, exc.plugin if exc.plugin in task.sections
-                                      else "model")
+                checker.plugin_failed(plan, exc, plugin_key(task, exc.plugin))
                 continue
             for final in finals:
                 if limit is not None and produced >= limit:
