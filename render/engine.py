@@ -98,17 +98,28 @@ def default_pipeline_class(task: Task, family: str, in_channels: int = 4) -> str
     return DEFAULT_PIPELINES[family][kind]
 
 
+#: How the allocators word running out: CUDA/MPS ("out of memory"), the CPU allocator
+#: ("DefaultCPUAllocator: can't allocate memory: you tried to allocate ..."), oneDNN/MKL.
+_OOM_TEXTS = ("out of memory", "can't allocate memory", "cannot allocate memory",
+              "failed to allocate memory")
+
+
 def is_oom(exc: BaseException) -> bool:
-    """True for CUDA/MPS/CPU out-of-memory errors."""
+    """True for CUDA/MPS/CPU out-of-memory errors (the savers help on every device)."""
     import torch
 
     oom_types = tuple(
         t for t in (getattr(torch, "OutOfMemoryError", None),
                     getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None
     )
-    if oom_types and isinstance(exc, oom_types):
+    if isinstance(exc, MemoryError) or (oom_types and isinstance(exc, oom_types)):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(t in text for t in _OOM_TEXTS)
+
+
+class NonFiniteImage(RuntimeError):
+    """The pipeline returned NaN/inf pixels (it would be saved as a black image)."""
 
 
 def probe_v_prediction(unet: Any, device: Any, dtype: Any) -> bool:
@@ -478,7 +489,7 @@ class Engine:
         # either go in separate calls, so a task's pixels never depend on its neighbours.
         for group in _groups_by(tasks, lambda t: (t.strength, _chunks(pipe, t))):
             notes: list[str] = []
-            out = self._render_fitting(res, pipe, group, notes)
+            out = self._render_finite(res, pipe, group, notes)
             for task, (images, timing, call_notes) in zip(group, out, strict=True):
                 timings = {"load": load_s, **timing}
                 load_s = 0.0
@@ -495,6 +506,29 @@ class Engine:
             return make_scheduler(task.sampler, task.schedule, res.scheduler_config)
         except ValueError as exc:
             raise UserError(str(exc)) from exc
+
+    def _render_finite(
+        self, res: Resident, pipe: Any, tasks: list[Task], notes: list[str]
+    ) -> list[tuple[list[Any], dict[str, float], list[str]]]:
+        """Render; an image with NaN/inf pixels (saved, it would be black) is rendered again
+        with the VAE decoding in float32 (the half-precision SD1.5/SDXL VAE overflows on some
+        latents, a known case), and still non-finite, fails its batch with a clear message."""
+        out = self._render_fitting(res, pipe, tasks, notes)
+        bad = [k for k, (images, _, _) in enumerate(out) if not _finite(images)]
+        if bad and _dtype_name(pipe.vae) != "float32":
+            with _float32_decode(pipe.vae):
+                again = self._render_fitting(res, pipe, [tasks[k] for k in bad], notes)
+            for k, (images, timing, call_notes) in zip(bad, again, strict=True):
+                out[k] = (images, timing, [*call_notes, "VAE decoded in float32 after NaN"])
+            bad = [k for k, (images, _, _) in enumerate(out) if not _finite(images)]
+        if bad:
+            seeds = ", ".join(str(tasks[k].seed) for k in bad)
+            raise NonFiniteImage(
+                f"the image came out NaN/inf (it would be a black image; seed {seeds}), also "
+                "with the VAE in float32: the model or a weight overflows (an absurd LoRA or "
+                "ControlNet weight, a broken checkpoint, an extreme cfg?)")
+        return [([_to_pil(image) for image in images], timing, call_notes)
+                for images, timing, call_notes in out]
 
     def _render_fitting(
         self, res: Resident, pipe: Any, tasks: list[Task], notes: list[str]
@@ -562,7 +596,8 @@ class Engine:
             "num_inference_steps": first.steps,
             "guidance_scale": first.cfg,
             "generator": [torch.Generator(gen_device).manual_seed(t.seed) for t in tasks],
-            "output_type": "pil",
+            # Arrays, not PIL: NaN pixels are still visible here (as PIL they are black).
+            "output_type": "np",
         }
         if "height" in params:
             kwargs.update(height=first.height, width=first.width)
@@ -751,6 +786,54 @@ def _step_callback(pipe: Any, params: set[str], kwargs: dict[str, Any],
                         "editing and alternation need for themselves")
     return {"callback_on_step_end": conditioning.callback,
             "callback_on_step_end_tensor_inputs": conditioning.tensor_inputs}
+
+
+def _dtype_name(module: Any) -> str:
+    return str(getattr(module, "dtype", "float32")).removeprefix("torch.")
+
+
+def _finite(images: Sequence[Any]) -> bool:
+    """Whether every pixel of these pipeline outputs (arrays; PIL images pass) is finite."""
+    import numpy as np
+
+    return all(not isinstance(im, np.ndarray) or bool(np.isfinite(im).all()) for im in images)
+
+
+def _to_pil(image: Any) -> Any:
+    """A pipeline's float array in [0, 1] as PIL, exactly as its own ``output_type="pil"``."""
+    import numpy as np
+    from diffusers.image_processor import VaeImageProcessor
+
+    if not isinstance(image, np.ndarray):
+        return image
+    return VaeImageProcessor.numpy_to_pil(image[None])[0]
+
+
+@contextmanager
+def _float32_decode(vae: Any) -> Iterator[None]:
+    """While active, ``vae.decode`` runs in float32 (weights and latents upcast for the call
+    and cast back after), and encoding stays as it was: img2img's encode keeps its dtype.
+
+    By hand because diffusers upcasts only SDXL VAEs with ``force_upcast`` and only when
+    they are float16; this retry covers every pipeline and bfloat16 too.
+    """
+    import torch
+
+    decode = type(vae).decode
+
+    def decode_float32(z: Any, *args: Any, **kwargs: Any) -> Any:
+        dtype = vae.dtype
+        vae.to(dtype=torch.float32)
+        try:
+            return decode(vae, z.to(torch.float32), *args, **kwargs)
+        finally:
+            vae.to(dtype=dtype)
+
+    vae.decode = decode_float32
+    try:
+        yield
+    finally:
+        del vae.decode
 
 
 def _groups_by(tasks: list[Task], key: Callable[[Task], Any]) -> list[list[Task]]:
