@@ -24,6 +24,13 @@ from render.output import atomic_write
 THUMBS = ".thumbs"
 THUMB_SIZE = 256
 INDEX = "index.html"
+#: Where the gallery goes when ``index.html`` in the root is somebody else's page.
+FALLBACK_INDEX = "render-gallery.html"
+#: What marks a page and a thumbnail as ours: only files carrying it are ever overwritten
+#: or pruned (an output root may be a folder the user keeps other things in, even ``~``).
+GENERATOR = "render gallery"
+_PAGE_MARK = f'<meta name="generator" content="{GENERATOR}">'
+_THUMB_MARK = f"{GENERATOR} thumbnail".encode()
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;background:#fafafa;color:#222}
@@ -67,6 +74,9 @@ def thumbnail(source: Path, root: Path, *, size: int = THUMB_SIZE) -> Path | Non
             return thumb
     except OSError:
         pass
+    else:
+        if not _our_thumbnail(thumb):
+            return None   # a file of the same name that we did not make: left alone
     try:
         with Image.open(source) as im:
             im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale
@@ -74,8 +84,32 @@ def thumbnail(source: Path, root: Path, *, size: int = THUMB_SIZE) -> Path | Non
             small = im.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
-    atomic_write(thumb, lambda tmp: small.save(tmp, format="JPEG", quality=82))
+    atomic_write(thumb, lambda tmp: small.save(tmp, format="JPEG", quality=82,
+                                               comment=_THUMB_MARK))
     return thumb
+
+
+def _our_thumbnail(path: Path) -> bool:
+    """Whether ``path`` is a thumbnail this program made (its JPEG comment says so)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.format == "JPEG" and im.info.get("comment") == _THUMB_MARK
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def _our_page(path: Path) -> bool:
+    """Whether ``path`` is missing or a gallery page this program wrote."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return path.is_file() and _PAGE_MARK.encode() in head
 
 
 def _figure(row: LedgerRow, root: Path, used: set[Path]) -> str:
@@ -120,7 +154,7 @@ def render_html(root: Path, rows: Iterable[LedgerRow], job_order: list[str],
     done = sum(r.status == "done" for rs in by_job.values() for r in rs)
     failed = sum(r.status == "failed" for rs in by_job.values() for r in rs)
     out = [
-        "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
+        "<!doctype html>", f'<html lang="en"><head><meta charset="utf-8">{_PAGE_MARK}',
         f"<title>render: {_e(Path(root).name)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{_e(Path(root).name)}</h1>",
         f"<p>{done} images, {failed} failed; updated "
@@ -159,7 +193,9 @@ def build_gallery(root: Path, ledger: Any, grid_paths: Mapping[str, list[Path]])
     """Write ``root/index.html`` from the ledger's rows and the grid sheets; return its path.
 
     ``grid_paths`` may hold the sheets of every job of the run: only those under ``root``
-    are shown. Thumbnails no longer referenced are removed from ``.thumbs/``.
+    are shown. Thumbnails no longer referenced are removed from ``.thumbs/``. An
+    ``index.html`` that is not our page is left alone (the gallery goes to
+    ``render-gallery.html``), and only thumbnails we made are ever pruned.
     """
     root = Path(root)
     base = os.path.abspath(root)
@@ -168,11 +204,15 @@ def build_gallery(root: Path, ledger: Any, grid_paths: Mapping[str, list[Path]])
     used: set[Path] = set()
     page = render_html(root, ledger.rows(), ledger.jobs(),
                        {job: paths for job, paths in mine.items() if paths}, used)
-    path = root / INDEX
+    path = next((root / name for name in (INDEX, FALLBACK_INDEX) if _our_page(root / name)),
+                None)
+    if path is None:
+        raise OSError(f"{root / INDEX} and {root / FALLBACK_INDEX} are not render's gallery "
+                      "pages: left alone, no gallery written")
     atomic_write(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     thumbs = root / THUMBS
-    if thumbs.is_dir():
+    if thumbs.is_dir() and not thumbs.is_symlink():
         for entry in thumbs.iterdir():
-            if entry.suffix == ".jpg" and entry not in used:
+            if entry.suffix == ".jpg" and entry not in used and _our_thumbnail(entry):
                 entry.unlink(missing_ok=True)
     return path

@@ -9,6 +9,11 @@ a "done" row always points at a whole file. The settings column holds the full r
 (``task.to_json()``, with its axes), so grids and the gallery are rebuilt from the ledger
 alone.
 
+The ledger is not believed over the disk: each output's size, mtime and blake2b digest are
+recorded with it, and ``render.reconcile`` renders again a task whose file was deleted,
+truncated or changed. The ``temps`` table registers every temp file ``atomic_write`` makes
+under the root before it exists, so the sweep after a crash removes only those.
+
 ``RunLock`` keeps two runs off one output root: an ``fcntl.flock`` on ``render.lock``, which
 the kernel releases when the process dies (``kill -9`` included), plus the holder's pid,
 host, start time and command in the file for the error message.
@@ -18,15 +23,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shlex
 import socket
 import sqlite3
+import stat
 import sys
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -36,7 +43,7 @@ from render.tasks import Task
 
 DB_NAME = "render.db"
 LOCK_NAME = "render.lock"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -54,11 +61,84 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_job ON tasks (job, idx);
 CREATE TABLE IF NOT EXISTS outputs (
-    path    TEXT PRIMARY KEY,             -- which task's file sits at this path now
-    task_id TEXT NOT NULL,
-    job     TEXT NOT NULL
+    path     TEXT PRIMARY KEY,            -- which task's file sits at this path now
+    task_id  TEXT NOT NULL,
+    job      TEXT NOT NULL,
+    size     INTEGER,                     -- the file as written (schema 3; NULL: not known)
+    mtime_ns INTEGER,
+    digest   TEXT                         -- blake2b-128 of its bytes, hex
+);
+CREATE TABLE IF NOT EXISTS temps (
+    path        TEXT PRIMARY KEY,         -- absolute: a temp file atomic_write is making
+    pid         INTEGER NOT NULL,
+    start_ticks INTEGER                   -- with the pid, names one process
 );
 """
+_IDENTITY_COLUMNS = (("size", "INTEGER"), ("mtime_ns", "INTEGER"), ("digest", "TEXT"))
+
+Key = tuple[str, str]   # (task id, job)
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """A file as render wrote it: a stat says "unchanged" cheaply; the digest decides."""
+
+    size: int
+    mtime_ns: int
+    digest: str
+
+
+#: Each done task's files with the identity recorded when they were written.
+DoneFiles = dict[Key, list[tuple[Path, FileIdentity | None]]]
+
+
+def file_digest(path: Path | str) -> str:
+    """blake2b-128 of the file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_identity(path: Path | str) -> FileIdentity | None:
+    """The identity of a regular file, or None when there is none at ``path``."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return FileIdentity(st.st_size, st.st_mtime_ns, file_digest(path))
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    """Who owns the file at a path, and what it looked like when render wrote it."""
+
+    task_id: str
+    job: str
+    identity: FileIdentity | None
+
+
+class LedgerCorrupt(Exception):
+    """``render.db`` is not a readable SQLite database (truncated, overwritten, damaged)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+def is_corrupt_error(exc: BaseException) -> bool:
+    """Whether a sqlite error means a damaged file (not a lock, a full disk or permissions)."""
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+    text = str(exc)
+    return "malformed" in text or "not a database" in text
 
 
 @dataclass(frozen=True)
@@ -98,37 +178,94 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _abs(root: Path, stored: str) -> Path:
+    path = Path(stored)
+    return path if path.is_absolute() else root / path
+
+
+def _done_files(db: sqlite3.Connection, root: Path) -> DoneFiles:
+    """Each done task's files with their recorded identity (None: a row from before schema 3,
+    or a path another task owns now)."""
+    columns = {r[1] for r in db.execute("PRAGMA table_info(outputs)")}
+    extra = ", size, mtime_ns, digest" if "digest" in columns else ""
+    records: dict[str, tuple[Key, FileIdentity | None]] = {}
+    for row in db.execute(f"SELECT path, task_id, job{extra} FROM outputs"):
+        known = FileIdentity(*row[3:6]) if extra and row[3] is not None else None
+        records[row[0]] = ((row[1], row[2]), known)
+    done: DoneFiles = {}
+    for task_id, job, outputs in db.execute(
+            "SELECT id, job, outputs FROM tasks WHERE status='done'"):
+        files = []
+        for stored in json.loads(outputs):
+            owner, known = records.get(stored, (None, None))
+            files.append((_abs(root, stored), known if owner == (task_id, job) else None))
+        done[(task_id, job)] = files
+    return done
+
+
 class Ledger:
-    """The SQLite ledger of one output root. Thread-safe; one commit per recorded task."""
+    """The SQLite ledger of one output root. Thread-safe; one commit per recorded task.
+
+    Raises ``LedgerCorrupt`` when the file is damaged (``render.reconcile.open_ledger`` sets
+    it aside and rebuilds the ledger from the images).
+    """
 
     def __init__(self, root: Path | str, *, filename: str = DB_NAME) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.path = self.root / filename
         self._lock = threading.Lock()
+        with contextlib.suppress(OSError):
+            if self.path.stat().st_size == 0:   # sqlite would take it for a new ledger
+                raise LedgerCorrupt(self.path, "the file is empty")
         self._db = sqlite3.connect(
             self.path, timeout=30, isolation_level=None, check_same_thread=False
         )
+        try:
+            self._open()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            if is_corrupt_error(exc):
+                raise LedgerCorrupt(self.path, str(exc)) from None
+            raise
+
+    def _open(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=30000")
+        problems = [r[0] for r in self._db.execute("PRAGMA quick_check").fetchall()]
+        if problems != ["ok"]:
+            raise LedgerCorrupt(self.path, "; ".join(problems[:3]))
         self._db.executescript(_SCHEMA)  # idempotent; its own transaction
         with self._transaction():
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise UserError(f"{self.path}: written by a newer render (schema {version})")
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(outputs)")}
+            for name, kind in _IDENTITY_COLUMNS:   # schema 2 -> 3
+                if name not in columns:
+                    self._db.execute(f"ALTER TABLE outputs ADD COLUMN {name} {kind}")
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextlib.contextmanager
-    def _transaction(self) -> Any:
+    def _transaction(self, *, durable: bool = True) -> Any:
+        """One write transaction. ``durable=False`` (temp registrations) skips the fsync: a
+        crashed process's commit is still in the OS cache; only a power cut could lose the
+        row, leaving a hidden temp file unswept, never a foreign file deleted."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=FULL")
 
     # -- paths are stored relative to the root, so the output tree can move --------------------
     def _rel(self, path: Path | str) -> str:
@@ -140,8 +277,7 @@ class Ledger:
             return str(absolute)
 
     def _abs(self, stored: str) -> Path:
-        path = Path(stored)
-        return path if path.is_absolute() else self.root / path
+        return _abs(self.root, stored)
 
     # -- writing -------------------------------------------------------------------------------
     def record_done(
@@ -153,14 +289,17 @@ class Ledger:
     ) -> None:
         """Record a finished task; call only after its files are complete in place.
 
-        A task that previously owned one of these paths (the user changed a setting, the
-        name stayed) is marked ``replaced``: its file now holds other pixels, so it is no
-        longer done and neither grids nor the gallery show it.
+        Each file's size, mtime and digest are recorded with it, so a later run can tell
+        that a file was deleted, truncated or changed (``render.reconcile``). A task that
+        previously owned one of these paths (the user changed a setting, the name stayed) is
+        marked ``replaced``: its file now holds other pixels, so it is no longer done and
+        neither grids nor the gallery show it.
         """
         rel = [self._rel(p) for p in paths]
+        identities = [file_identity(self._abs(p)) for p in rel]   # hashing outside the lock
         now = _now()
         with self._transaction() as db:
-            for path in rel:
+            for path, known in zip(rel, identities, strict=True):
                 owner = db.execute("SELECT task_id, job FROM outputs WHERE path=?",
                                    (path,)).fetchone()
                 if owner and tuple(owner) != (task.id, task.job):
@@ -168,8 +307,10 @@ class Ledger:
                         "UPDATE tasks SET status='replaced', updated_at=? "
                         "WHERE id=? AND job=? AND status='done'", (now, *owner),
                     )
-                db.execute("INSERT OR REPLACE INTO outputs (path, task_id, job) VALUES (?, ?, ?)",
-                           (path, task.id, task.job))
+                db.execute(
+                    "INSERT OR REPLACE INTO outputs (path, task_id, job, size, mtime_ns, digest) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (path, task.id, task.job, *(astuple(known) if known else (None,) * 3)))
             marks = ",".join("?" * len(rel))
             db.execute(f"DELETE FROM outputs WHERE task_id=? AND job=? AND path NOT IN ({marks})",
                        (task.id, task.job, *rel))
@@ -182,6 +323,13 @@ class Ledger:
                              (task.id, task.job)).fetchone()
             outputs = old[0] if old else "[]"
             self._upsert(db, task, "failed", outputs, {}, str(error), None, _now())
+
+    def refresh_identity(self, path: Path | str, known: FileIdentity) -> None:
+        """Record a file's identity anew: same bytes, another mtime (a copied tree), or the
+        first identity of a row from before schema 3."""
+        with self._transaction() as db:
+            db.execute("UPDATE outputs SET size=?, mtime_ns=?, digest=? WHERE path=?",
+                       (*astuple(known), self._rel(path)))
 
     def _upsert(self, db: sqlite3.Connection, task: Task, status: str, outputs: str,
                 timings: Mapping[str, float], error: str | None, infotext: str | None,
@@ -196,14 +344,57 @@ class Ledger:
              infotext, json.dumps(task_settings(task), ensure_ascii=False), now),
         )
 
-    # -- reading -------------------------------------------------------------------------------
-    def done_keys(self, *, check_files: bool = False) -> set[tuple[str, str]]:
-        """``(id, job)`` of tasks whose outputs are in place; ``check_files`` checks the disk."""
+    # -- temp files (the registry behind output.atomic_write) ----------------------------------
+    def register_temp(self, path: Path | str) -> None:
+        """Note a temp file before it is created: only registered temps are ever swept."""
+        pid = os.getpid()
+        with self._transaction(durable=False) as db:
+            db.execute("INSERT OR REPLACE INTO temps (path, pid, start_ticks) VALUES (?, ?, ?)",
+                       (os.path.abspath(path), pid, process_start_ticks(pid)))
+
+    def forget_temp(self, path: Path | str) -> None:
+        """The temp file was renamed into place or removed."""
+        with self._transaction(durable=False) as db:
+            db.execute("DELETE FROM temps WHERE path=?", (os.path.abspath(path),))
+
+    def temps(self) -> list[tuple[Path, int, int | None]]:
+        """Registered temp files: (absolute path, pid, process start ticks)."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT id, job, outputs FROM tasks WHERE status='done'").fetchall()
-        return {(r[0], r[1]) for r in rows
-                if not check_files or all(self._abs(p).exists() for p in json.loads(r[2]))}
+            rows = self._db.execute("SELECT path, pid, start_ticks FROM temps").fetchall()
+        return [(Path(r[0]), r[1], r[2]) for r in rows]
+
+    # -- reading -------------------------------------------------------------------------------
+    def done_keys(self, *, check_files: bool = False) -> set[Key]:
+        """``(id, job)`` of done tasks; ``check_files``: only those whose files are on disk
+        as render wrote them (``render.reconcile.check_done``), read-only."""
+        if not check_files:
+            with self._lock:
+                rows = self._db.execute("SELECT id, job FROM tasks WHERE status='done'").fetchall()
+            return {(r[0], r[1]) for r in rows}
+        from render.reconcile import check_done
+
+        return check_done(self.done_files()).done
+
+    def done_files(self) -> DoneFiles:
+        """Each done task's files with the identity recorded when they were written."""
+        with self._lock:
+            return _done_files(self._db, self.root)
+
+    def output_record(self, path: Path | str) -> OutputRecord | None:
+        """The ledger's record of the file at ``path`` (None: render never recorded one)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT task_id, job, size, mtime_ns, digest FROM outputs WHERE path=?",
+                (self._rel(path),)).fetchone()
+        if row is None:
+            return None
+        return OutputRecord(row[0], row[1], FileIdentity(*row[2:5]) if row[2] is not None else None)
+
+    def recorded_paths(self) -> set[Path]:
+        """Every path the ledger has a file record for."""
+        with self._lock:
+            rows = self._db.execute("SELECT path FROM outputs").fetchall()
+        return {self._abs(r[0]) for r in rows}
 
     def rows(self, job: str | None = None, *, status: str | None = None) -> list[LedgerRow]:
         """Rows (of one job, of one status), ordered by job then index."""
@@ -249,27 +440,35 @@ class Ledger:
         self.close()
 
 
-def read_done_keys(root: Path | str, *, filename: str = DB_NAME) -> set[tuple[str, str]]:
-    """Done ``(id, job)`` of the ledger at ``root``, read without creating or locking anything.
+def read_done_keys(root: Path | str, *, filename: str = DB_NAME) -> set[Key]:
+    """Done ``(id, job)`` of the ledger at ``root`` whose files are on disk as render wrote
+    them, read without creating, locking or changing anything.
 
     For ``--dry-run``: no ledger yet means nothing done. Safe while a run is writing (WAL).
+    Raises ``LedgerCorrupt`` for a damaged file.
     """
     path = Path(root) / filename
-    if not path.exists():
+    if not path.is_file():
         return set()
+    if path.stat().st_size == 0:
+        raise LedgerCorrupt(path, "the file is empty")
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
     except sqlite3.OperationalError:
         db = sqlite3.connect(path, timeout=30)
     try:
-        rows = db.execute("SELECT id, job FROM tasks WHERE status='done'").fetchall()
-    except sqlite3.OperationalError as exc:
+        files = _done_files(db, Path(root))
+    except sqlite3.DatabaseError as exc:
         if "no such table" in str(exc):
             return set()
+        if is_corrupt_error(exc):
+            raise LedgerCorrupt(path, str(exc)) from None
         raise
     finally:
         db.close()
-    return {(r[0], r[1]) for r in rows}
+    from render.reconcile import check_done
+
+    return check_done(files).done
 
 
 # -- processes -------------------------------------------------------------------------------
@@ -297,8 +496,8 @@ def pid_alive(pid: int, start_ticks: int | None = None) -> bool:
     """Whether ``pid`` is a live process on this host (zombies and reused pids are not)."""
     if pid <= 0:
         return False
-    if pid == os.getpid():
-        return True
+    if pid == os.getpid():   # us, unless an earlier process had our pid (containers reuse them)
+        return start_ticks is None or start_ticks == process_start_ticks()
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

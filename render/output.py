@@ -15,14 +15,16 @@ import contextlib
 import os
 import re
 import secrets
+import stat
+import threading
 import unicodedata
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from render.errors import FieldError
+from render.errors import FieldError, UserError
 from render.hookspecs import hookimpl
 from render.ledger import pid_alive
 from render.metadata import format_number, save_image
@@ -158,12 +160,28 @@ def allowed_fields(job: Job) -> set[str]:
     return set(BUILTIN_FIELDS) | set(job.grid_axes) | set(job.zip_axes)
 
 
-def check_output_spec(spec: OutputSpec, allowed: set[str] | frozenset[str]) -> None:
+#: Values each built-in field can take, by type, to try a format spec on at validation:
+#: ``{prompt:05d}`` (text) and ``{seed:.40}`` (an integer) fail there, not per task.
+#: The largest seed is there for ``{seed:c}``, which no seed past 0x10FFFF fits.
+FIELD_SAMPLES: dict[str, tuple[Any, ...]] = {
+    **dict.fromkeys(("job", "id", "prompt", "model", "sampler", "date", "time"), ("text",)),
+    **dict.fromkeys(("index", "seed", "steps", "width", "height"), (0, 2**64 - 1)),
+    "cfg": (7, 7.5),
+}
+
+
+def check_output_spec(spec: OutputSpec, allowed: set[str] | frozenset[str], *,
+                      samples: Mapping[str, Iterable[Any]] | None = None) -> None:
     """Validate ``output.dir`` and ``output.name`` at job-file validation time; the
-    ``FieldError``'s ``subkey`` says which of the two is wrong."""
+    ``FieldError``'s ``subkey`` says which of the two is wrong.
+
+    A field's format spec must fit every value the field can take: ``samples`` (an axis's
+    values, the job's ``cfg`` values), else the built-in field's ``FIELD_SAMPLES``.
+    """
     for key, template in (("dir", spec.dir), ("name", spec.name)):
         try:
             check_template(template, allowed, what=f"output.{key}")
+            _check_specs_fit(template, samples or {}, what=f"output.{key}")
         except ValueError as exc:
             raise FieldError(str(exc), key) from None
     if spec.name.startswith("/") or not spec.name.strip("/"):
@@ -172,6 +190,26 @@ def check_output_spec(spec: OutputSpec, allowed: set[str] | frozenset[str]) -> N
         if comp in (["."], [".."]):
             raise FieldError(f"output.name {spec.name!r}: '..' would leave the output folder",
                              "name")
+
+
+def _check_specs_fit(template: str, samples: Mapping[str, Iterable[Any]], *, what: str) -> None:
+    """Format each spec'd field of ``template`` with the values it can take, as writing will."""
+    for tok in _tokens(template):
+        if not isinstance(tok, _Field) or not tok.spec:
+            continue
+        values = FIELD_SAMPLES.get(tok.name) if tok.name != "cfg" else None
+        if values is None:
+            values = tuple(samples.get(tok.name, ())) or FIELD_SAMPLES.get(tok.name, ())
+        for value in values:
+            try:
+                format(value, tok.spec)
+            except (ValueError, TypeError, OverflowError) as exc:
+                kind = ("text" if isinstance(value, str) else "an integer"
+                        if isinstance(value, int) else "a number"
+                        if isinstance(value, float) else "a list or mapping")
+                shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+                raise ValueError(f"{what} {template!r}: {{{tok.name}:{tok.spec}}} does not fit "
+                                 f"{tok.name}, which is {kind} (e.g. {shown}): {exc}") from None
 
 
 def _static_count(comps: list[list[_Token]]) -> int:
@@ -404,6 +442,77 @@ def unique_paths(
 
 
 # -- writing ---------------------------------------------------------------------------------
+class OutputRefused(UserError):
+    """A write render will not do: it would land outside the output root (a planted
+    symlink), or over a file render did not write. That task fails with this one line."""
+
+
+class TempRegistry(Protocol):
+    """Where ``atomic_write`` notes its temp files under a run's output root (the ledger)."""
+
+    def register_temp(self, path: Path) -> None: ...
+
+    def forget_temp(self, path: Path) -> None: ...
+
+    def temps(self) -> list[tuple[Path, int, int | None]]: ...
+
+
+#: Output roots of the running run (real paths) -> their temp registries (``temp_registry``).
+_registries: dict[str, TempRegistry] = {}
+_registries_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def temp_registry(root: Path, registry: TempRegistry) -> Iterator[None]:
+    """While a run holds ``root``: every ``atomic_write`` below it (the core writers, grids,
+    the gallery, plugins) registers its temp file in ``registry`` before creating it, and
+    a write that a symlink would lead out of ``root`` is refused."""
+    key = os.path.realpath(root)
+    with _registries_lock:
+        _registries[key] = registry
+    try:
+        yield
+    finally:
+        with _registries_lock:
+            _registries.pop(key, None)
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _existing(folder: Path) -> Path:
+    """``folder`` or its nearest ancestor that exists (what ``mkdir`` would build on)."""
+    folder = Path(os.path.abspath(folder))
+    while not os.path.lexists(folder) and folder.parent != folder:
+        folder = folder.parent
+    return folder
+
+
+def check_inside(folder: Path, root: Path) -> None:
+    """Refuse a ``folder`` that really lies outside ``root`` (as far as it exists yet).
+
+    The root itself may be a symlink (``out -> /mnt/big``); a symlink planted below it that
+    leads elsewhere is refused before any folder is made through it.
+    """
+    real_root = os.path.realpath(root)
+    if not _inside(os.path.realpath(_existing(folder)), real_root):
+        raise OutputRefused(f"{folder} leads outside the output folder {root} (a symlink?): "
+                            "nothing written; remove the link or change output.dir")
+
+
+def _registered_root(path: Path) -> tuple[str, TempRegistry] | None:
+    """The running run's output root that ``path`` lies under (lexically or really)."""
+    lexical = os.path.abspath(path.parent)
+    real = os.path.realpath(_existing(path.parent))
+    with _registries_lock:
+        roots = sorted(_registries.items(), key=lambda item: len(item[0]), reverse=True)
+    for root, registry in roots:
+        if _inside(lexical, root) or _inside(real, root):
+            return root, registry
+    return None
+
+
 def temp_path(path: Path) -> Path:
     """The temp name ``atomic_write`` uses: hidden, same folder, same extension, our pid."""
     stem = _truncate(path.stem, 150)
@@ -416,11 +525,19 @@ def atomic_write(path: Path | str, write_fn: Callable[[Path], Any]) -> Path:
     ``write_fn(tmp)`` writes the content to ``tmp`` (a hidden name in the same folder, with
     the same extension, which readers and the gallery skip); then it is fsynced and renamed
     over ``path``, and the folder is fsynced. On any exception (KeyboardInterrupt included)
-    the temp file is removed and nothing appears under ``path``.
+    the temp file is removed and nothing appears under ``path``. Under a running run's
+    output root the temp is registered in its ledger first (so a crash's leftover is
+    swept, and nothing else ever is) and a path leading out of the root is refused.
     """
     path = Path(path)
+    owner = _registered_root(path)
+    if owner is not None:
+        check_inside(path.parent, Path(owner[0]))
+    registry = owner[1] if owner else None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
+    if registry is not None:
+        registry.register_temp(tmp)   # committed before the file exists
     try:
         write_fn(tmp)
         fd = os.open(tmp, os.O_RDONLY)
@@ -432,9 +549,18 @@ def atomic_write(path: Path | str, write_fn: Callable[[Path], Any]) -> Path:
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        _forget(registry, tmp)
         raise
+    _forget(registry, tmp)
     _fsync_dir(path.parent)
     return path
+
+
+def _forget(registry: TempRegistry | None, tmp: Path) -> None:
+    # A row left behind (the disk is full) names a file that is gone: the next sweep drops it.
+    if registry is not None:
+        with contextlib.suppress(Exception):
+            registry.forget_temp(tmp)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -450,21 +576,20 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def remove_stale_temps(root: Path) -> int:
-    """Remove temp files of ``atomic_write`` left under ``root`` by dead processes.
-
-    A temp file whose pid is alive (a run on a nested output root) is kept. Returns how many
-    files were removed.
-    """
+def remove_stale_temps(root: Path, registry: TempRegistry) -> int:
+    """Remove the temp files that ``registry`` (the root's ledger) says a dead process of
+    ours was writing; nothing else is touched, whatever its name. Returns how many."""
     removed = 0
-    for folder, _dirs, files in os.walk(root):
-        for name in files:
-            m = TEMP_RE.match(name)
-            if not m or pid_alive(int(m.group(1))):
-                continue
+    real_root = os.path.realpath(root)
+    for path, pid, ticks in registry.temps():
+        if pid_alive(pid, ticks):
+            continue
+        if TEMP_RE.match(path.name) and _inside(os.path.realpath(path.parent), real_root):
             with contextlib.suppress(OSError):
-                os.unlink(os.path.join(folder, name))
-                removed += 1
+                if stat.S_ISREG(os.lstat(path).st_mode):
+                    os.unlink(path)
+                    removed += 1
+        registry.forget_temp(path)
     return removed
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from render import expand
 from render.errors import EXIT_FAILED, EXIT_OK, JobError, JobErrors, PluginError, UserError
 from render.expand import JobFile, JobPlan
-from render.plan import Preflight, plugin_key
+from render.plan import Preflight, check_device_available, plugin_key
 from render.plugins import Plugins, load_plugins
 from render.tasks import Task
 
@@ -28,9 +28,12 @@ log = logging.getLogger("render")
 # -- load and expand ----------------------------------------------------------------------------
 
 def load_all(paths: list[str], plugins: Plugins) -> list[JobFile]:
-    """Load every job file; report the errors of all files together."""
+    """Load every job file (a file named twice, once); report the errors of all together."""
     files, errors = [], []
+    unique: dict[Path, str] = {}
     for path in paths:
+        unique.setdefault(Path(path).resolve(), path)
+    for path in unique.values():
         try:
             files.append(expand.load_job_file(path, plugins))
         except JobErrors as exc:
@@ -48,10 +51,24 @@ def _selected(name: str, only: list[str]) -> bool:
 
 
 def selected_plans(files: list[JobFile], only: list[str]) -> list[JobPlan]:
+    """The jobs ``--only`` selects; two selected jobs of one name (in two files) are an error:
+    their outputs, ledger rows and table rows would be one job's."""
     plans = [plan for jf in files for plan in jf.jobs if _selected(plan.job.name, only)]
     if only and not plans and not any(_selected(n, only) for jf in files for n in jf.broken):
         names = ", ".join(plan.job.name for jf in files for plan in jf.jobs)
         raise UserError(f"--only {' '.join(only)} matches no job (jobs: {names})")
+    first: dict[str, JobPlan] = {}
+    clashes = []
+    for plan in plans:
+        other = first.setdefault(plan.job.name, plan)
+        if other is not plan:
+            where, key = plan.locate("name")
+            clashes.append(JobError(where, key, f"job {plan.job.name!r} is also defined at "
+                                    f"{other.locate('name')[0]}; job names must be unique "
+                                    "across the files of a run (rename one, or pick one with "
+                                    "--only)"))
+    if clashes:
+        raise JobErrors(clashes)
     return plans
 
 
@@ -74,16 +91,31 @@ def report_broken(broken: dict[str, list[JobError]]) -> None:
 
 
 def guard(plans: list[JobPlan], max_tasks: int) -> int:
-    """Refuse an accidental explosion before a single task is built."""
+    """Refuse an accidental explosion before a single task is built.
+
+    Counts are arithmetic (seed ranges, wildcard subsets saturate at 2**64), so even an
+    astronomical job is refused at once; such a count is shown as "more than 2**64 - 1".
+    """
     total = sum(plan.task_count for plan in plans)
     if total > max_tasks:
         worst = max(plans, key=lambda p: p.task_count)
+        advice = (f"raise it with --max-tasks {total} if you mean it" if total < _HUGE
+                  else "no run can render that many: make the job smaller")
         raise UserError(
-            f"{worst.job.file}: the selected jobs expand to {total:,} tasks "
-            f"(job {worst.job.name!r}: {worst.task_count:,}), more than --max-tasks "
-            f"{max_tasks:,}; raise it with --max-tasks {total} if you mean it"
+            f"{worst.job.file}: the selected jobs expand to {_how_many(total)} tasks "
+            f"(job {worst.job.name!r}: {_how_many(worst.task_count)}), more than --max-tasks "
+            f"{max_tasks:,}; {advice}"
         )
     return total
+
+
+_HUGE = 2**64
+
+
+def _how_many(count: int) -> str:
+    """``count`` with thousands separators; past 2**64 (where Python may refuse to print a
+    number at all) "more than 18,446,744,073,709,551,615"."""
+    return f"{count:,}" if count < _HUGE else f"more than {_HUGE - 1:,}"
 
 
 def iter_resolved(plans: list[JobPlan], plugins: Plugins, limit: int | None,
@@ -161,6 +193,7 @@ def run(args: Any) -> int:
     if args.dry_run:
         return dry_run(plans, plugins, checkers, args, broken)
     tasks = resolve_tasks(plans, plugins, args.limit, checkers)
+    check_device_available(args.device)   # before any ledger, gallery or model is touched
     broken |= broken_at_preflight(checkers)
     report_broken(broken)
     from render.runner import Runner
@@ -184,12 +217,20 @@ def resolve_tasks(plans: list[JobPlan], plugins: Plugins, limit: int | None = No
 
 def dry_run(plans: list[JobPlan], plugins: Plugins, checkers: dict[int, Preflight],
             args: Any, broken: dict[str, list[JobError]]) -> int:
-    """List tasks (table or JSON lines), streaming; nothing is written anywhere."""
+    """List tasks (table or JSON lines), streaming; nothing is written anywhere.
+
+    "done" is what the disk holds: a ledger row whose file is missing, truncated or changed
+    is not done (checked read-only, as a run would). An output folder a run could not use is
+    one located error line each, after the table (exit 2).
+    """
     from render import output
-    from render.ledger import read_done_keys
+    from render.errors import EXIT_USAGE
+    from render.ledger import LedgerCorrupt, read_done_keys
+    from render.reconcile import check_root
 
     done_by_root: dict[Path, set[tuple[str, str]]] = {}
     done_keys: dict[int, set[tuple[str, str]]] = {}   # per plan: its output root's ledger
+    root_errors: list[JobError] = []
     stats: dict[str, Counter[str]] = {}
     needs: dict[str, set[tuple[str, str]]] = {}
     out = sys.stdout
@@ -197,7 +238,16 @@ def dry_run(plans: list[JobPlan], plugins: Plugins, checkers: dict[int, Prefligh
         if id(plan) not in done_keys:
             root = output.output_root(plan.job.output.dir, plan.job.base_dir)
             if root not in done_by_root:
-                done_by_root[root] = read_done_keys(root)
+                done_by_root[root] = set()
+                if problem := check_root(root):
+                    root_errors.append(JobError(*plan.locate("output.dir"), problem))
+                else:
+                    try:
+                        done_by_root[root] = read_done_keys(root)
+                    except LedgerCorrupt as exc:
+                        print(f"warning: the ledger {exc.path} is damaged ({exc.reason}): a run "
+                              "sets it aside and rebuilds it from the images; nothing counted "
+                              "as done here", file=sys.stderr)
             done_keys[id(plan)] = done_by_root[root]
         done = (resolved.id, resolved.job) in done_keys[id(plan)]
         counter = stats.setdefault(plan.job.name, Counter())
@@ -212,7 +262,11 @@ def dry_run(plans: list[JobPlan], plugins: Plugins, checkers: dict[int, Prefligh
     if not args.json:   # the table first, also when something is missing: then the errors
         blocked = sum((checker.blocked for checker in checkers.values()), Counter())
         _print_table(plans, stats, needs, blocked)
+    for error in root_errors:
+        print(f"error: {error}", file=sys.stderr)
     raise_errors(checkers)
+    if root_errors:
+        return EXIT_USAGE
     broken = broken | broken_at_preflight(checkers)
     report_broken(broken)
     return EXIT_FAILED if broken else EXIT_OK
@@ -249,20 +303,9 @@ def _print_table(plans: list[JobPlan], stats: dict[str, Counter[str]],
 
 
 def show(image: str) -> int:
-    from render.replay import read_image_metadata
+    from render.replay import show_image
 
-    infotext, provenance = read_image_metadata(image)
-    if infotext is None and provenance is None:
-        raise UserError(f"{image}: no generation metadata found")
-    if infotext:
-        print(infotext)
-    if provenance:
-        task = provenance.get("task", {})
-        print(f"\nrender task {task.get('id', '?')} (job {task.get('job')}, index "
-              f"{task.get('index')})")
-        for label, ref in sorted(task.get("files", {}).items()):
-            print(f"  {label}: {ref.get('path')} sha256={ref.get('sha256')}")
-    return 0
+    return show_image(image)
 
 
 def replay(args: Any) -> int:

@@ -3,7 +3,10 @@
 The GPU never waits for the disk: encoding and writing run on one writer thread while the
 next batch renders. The ledger row for a task is committed only after its file is in place,
 so ``kill -9`` at any moment loses at most the images in flight and never leaves a partial
-file under a final name. SIGINT/SIGTERM finish the batch in flight, write it, and stop.
+file under a final name; the next run believes the disk over the ledger
+(``render.reconcile``). SIGINT/SIGTERM finish the batch in flight, write it, and stop; a
+second signal aborts at once, the summary still printed (exit 130). A full disk stops the
+run cleanly: one message, the summary, exit 1.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import dataclasses
 import functools
 import logging
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -23,12 +27,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from render import __version__, metadata, output
+from render import __version__, metadata, output, reconcile
 from render.errors import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_LOCKED,
     EXIT_OK,
+    JobError,
+    JobErrors,
     PluginError,
     UserError,
 )
@@ -39,6 +45,12 @@ from render.tasks import Batch, Job, Result, Task
 
 log = logging.getLogger("render")
 
+
+def _reason(exc: BaseException) -> str:
+    """The innermost error's own words (``No space left on device``)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return getattr(exc, "strerror", None) or str(exc)
 
 
 @dataclass
@@ -83,6 +95,9 @@ class Runner:
         self._paths: dict[tuple[str, int], Path] = {}
         self._started = datetime.now()
         self._twins: dict[str, list[Task]] = {}   # id -> other jobs' tasks with its pixels
+        self.progress: Any = None
+        self._damaged: dict[Path, tuple[Any, Path]] = {}   # root -> (LedgerCorrupt, moved to)
+        self.disk_full: str | None = None   # the message, once a write met a full disk
 
     # -- signals ---------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -94,49 +109,96 @@ class Runner:
 
     # -- the run ---------------------------------------------------------------------------
     def run(self, tasks: list[Task]) -> int:
-        from render.ledger import LockedError, RunLock
-
+        """Render ``tasks``; the exit code. The run's signal handlers stay until the summary
+        is printed: a second signal aborts the rest (grids, gallery included), and the summary
+        still tells what is on disk."""
         roots = sorted(set(self.roots.values()))
-        with ExitStack() as stack:
-            for root in roots:
-                root.mkdir(parents=True, exist_ok=True)
-                try:
-                    stack.enter_context(RunLock(root))
-                except LockedError as exc:
-                    print(f"render: {exc}", file=sys.stderr)
-                    return EXIT_LOCKED
-                output.remove_stale_temps(root)
-            from render.ledger import Ledger
-
-            for root in roots:
-                self.ledgers[root] = stack.enter_context(closing(Ledger(root)))
-            # Names come from every task of the run, done or not, so a resumed run names
-            # each task exactly as the first run did.
-            paths = output.unique_paths(
-                [(t, self.jobs[t.job], self.roots[t.job]) for t in tasks], now=self._started)
-            self._paths = {(t.job, t.index): p for t, p in zip(tasks, paths, strict=True)}
-            todo = self._todo(tasks)
-            previous = {s: signal.signal(s, self._on_signal)
-                        for s in (signal.SIGINT, signal.SIGTERM)}
+        self._check_roots(roots)   # one located line, exit 2, before anything is written
+        previous = {s: signal.signal(s, self._on_signal)
+                    for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
             try:
-                self._render_all(todo)
-            finally:
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
-            report = self._report()
-        print(self._summary(), file=sys.stderr if self.args.quiet else sys.stdout)
-        if report.interrupted:
+                with ExitStack() as stack:
+                    if not self._open_roots(stack, roots):
+                        return EXIT_LOCKED
+                    self._render_all(self._todo(tasks))
+                    self._report()
+            except KeyboardInterrupt:   # the second signal: stop now
+                self.stop.set()
+                if self.progress is not None:
+                    self.progress.close()
+                print("aborted", file=sys.stderr)
+            except Exception as exc:   # the ledger's own commits (reconciling) on a full disk
+                if not reconcile.disk_full(exc):
+                    raise
+                self._stop_disk_full(roots[0] if len(roots) == 1 else roots, exc)
+            if self.disk_full:
+                print(self.disk_full, file=sys.stderr)
+            print(self._summary(), file=sys.stderr if self.args.quiet else sys.stdout)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if self.disk_full:
+            return EXIT_FAILED
+        if self.stop.is_set():
             return EXIT_INTERRUPTED
         return EXIT_FAILED if self.counts.failed else EXIT_OK
 
-    def _todo(self, tasks: list[Task]) -> list[Task]:
-        """Tasks to render: not yet in their ledger (all with --force), each id once.
+    # -- the output roots ------------------------------------------------------------------
+    def _root_error(self, root: Path, message: str) -> JobError:
+        """``message`` located at the ``output.dir`` of the first job writing to ``root``."""
+        plan = next(p for p in self.plans if self.roots[p.job.name] == root)
+        where, key = plan.locate("output.dir")
+        return JobError(where, key, message)
 
-        A task whose pixels another job of this run renders too (same id) is not rendered
-        twice: it becomes a twin of that task and gets its own file from the same images.
+    def _check_roots(self, roots: list[Path]) -> None:
+        errors = [self._root_error(root, problem) for root in roots
+                  if (problem := reconcile.check_root(root))]
+        if errors:
+            raise JobErrors(errors)
+
+    def _open_roots(self, stack: ExitStack, roots: list[Path]) -> bool:
+        """Lock each root, open its ledger (setting a damaged one aside), install its temp
+        registry and sweep the temps a dead run of ours left; False when a root is locked."""
+        from render.ledger import LockedError, RunLock
+
+        for root in roots:
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(RunLock(root))
+            except LockedError as exc:
+                print(f"render: {exc}", file=sys.stderr)
+                return False
+            except OSError as exc:
+                raise self._root_error(root, f"cannot use the output folder {root}: "
+                                       f"{exc.strerror or exc}") from None
+        for root in roots:
+            try:
+                ledger, damage, moved = reconcile.open_ledger(root)
+            except (OSError, sqlite3.Error) as exc:
+                raise self._root_error(root, f"cannot open the ledger {root / 'render.db'}: "
+                                       f"{exc}") from None
+            self.ledgers[root] = stack.enter_context(closing(ledger))
+            stack.enter_context(output.temp_registry(root, ledger))
+            output.remove_stale_temps(root, ledger)
+            if damage is not None and moved is not None:
+                self._damaged[root] = (damage, moved)
+        return True
+
+    def _todo(self, tasks: list[Task]) -> list[Task]:
+        """Tasks to render: not done on disk (all with --force), each id once.
+
+        Names come from every task of the run, done or not, so a resumed run names each
+        task exactly as the first run did. The ledger is checked against the disk first
+        (``render.reconcile``). A task whose pixels another job of this run renders too
+        (same id) is not rendered twice: it becomes a twin of that task and gets its own
+        file from the same images.
         """
-        done: dict[Path, set[tuple[str, str]]] = {root: ledger.done_keys()
-                                                  for root, ledger in self.ledgers.items()}
+        paths = output.unique_paths(
+            [(t, self.jobs[t.job], self.roots[t.job]) for t in tasks], now=self._started)
+        self._paths = {(t.job, t.index): p for t, p in zip(tasks, paths, strict=True)}
+        done = {root: self._reconcile(root, ledger, tasks)
+                for root, ledger in self.ledgers.items()}
         seen: set[tuple[str, str]] = set()
         first: dict[str, Task] = {}
         todo = []
@@ -153,6 +215,31 @@ class Runner:
                 first[task.id] = task
                 todo.append(task)
         return todo
+
+    def _reconcile(self, root: Path, ledger: Any, tasks: list[Task]) -> set[tuple[str, str]]:
+        """The done keys of ``root``, the disk believed over the ledger, each finding told in
+        one line; a damaged ledger that was set aside is rebuilt from the images."""
+        planned = [(t, self._paths[(t.job, t.index)]) for t in tasks if self.roots[t.job] == root]
+        found = reconcile.reconcile(ledger, planned)
+        if root in self._damaged:
+            damage, moved = self._damaged[root]
+            recovered = len(found.adopted) + reconcile.rebuild(ledger, root)
+            self._say(f"warning: the ledger {damage.path} was damaged ({damage.reason}); kept "
+                      f"it as {moved.name} and rebuilt the ledger from the images in {root}: "
+                      f"{recovered} image{'s' if recovered != 1 else ''} recovered")
+        elif found.adopted:
+            n = len(found.adopted)
+            self._say(f"{root}: {n} image{'s' if n != 1 else ''} on disk had no ledger row (a "
+                      "run stopped between writing and recording): kept, not rendered again")
+        gone = len(found.missing) + len(found.changed)
+        if gone:
+            self._say(f"{root}: {len(found.missing)} finished file{'s' if gone != 1 else ''} "
+                      f"missing and {len(found.changed)} changed on disk since render wrote "
+                      "them: rendering those tasks again")
+        return found.done
+
+    def _say(self, line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
 
     def _render_all(self, todo: list[Task]) -> None:
         from render.progress import Progress
@@ -221,23 +308,46 @@ class Runner:
             self._fail(failed, exc)
 
     def _fail(self, task: Task, exc: BaseException) -> None:
-        message = str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
+        message = (str(exc) if isinstance(exc, (PluginError, UserError))
+                   else f"{type(exc).__name__}: {exc}")
         message = message.strip()
         log.debug("task %s failed:\n%s", task.short_id, "".join(
             traceback.format_exception(type(exc), exc, exc.__traceback__)))
-        self.ledgers[self.roots[task.job]].record_failed(task, message)
+        try:
+            self.ledgers[self.roots[task.job]].record_failed(task, message)
+        except Exception as error:
+            if not reconcile.disk_full(error):
+                raise
+            self._stop_disk_full(self.roots[task.job], error)
+            return
         with self._counts_lock:
             self.counts.failed += 1
             self.counts.failures.append((task, message))
         self.progress.advance(task, ok=False)
 
+    def _stop_disk_full(self, root: Path | list[Path], exc: BaseException) -> None:
+        """Stop cleanly: finish nothing new; what is on disk is whole, and the next run
+        reconciles an image written before its ledger row could be."""
+        where = ", ".join(map(str, root)) if isinstance(root, list) else root
+        with self._counts_lock:
+            if self.disk_full is None:
+                self.disk_full = (
+                    f"error: the disk holding {where} is full ({_reason(exc)}): stopped, every "
+                    "finished image is kept; free some space, then run the same command again "
+                    "to render the rest")
+        self.stop.set()
+
     # -- write (writer thread) -------------------------------------------------------------
     def _write(self, result: Result) -> None:
         task = result.task
+        root = self.roots[task.job]
+        if self.disk_full:   # finish nothing new: the next run renders it
+            return
         try:
             job = self.jobs[task.job]
-            root = self.roots[task.job]
+            ledger = self.ledgers[root]
             path = self._path_for(task)
+            self._claim(ledger, path, task)
             versions, device = self._environment()
             infotext, prov = metadata.describe_result(result, self.plugins, versions, device)
             result = dataclasses.replace(result, provenance=prov)
@@ -250,19 +360,34 @@ class Runner:
                 if not job.output.options.get(f"save_{suffix.split('-', 1)[0]}"):
                     continue
                 extra = path.with_name(f"{path.stem}-{suffix}.png")
-                output.atomic_write(extra, lambda p, im=image: im.save(p, format="PNG"))
+                self._claim(ledger, extra, task)
+                info = reconcile.extra_pnginfo(task, suffix)
+                output.atomic_write(extra, lambda p, im=image, info=info: im.save(
+                    p, format="PNG", pnginfo=info))
                 written.append(extra)
             result.timings["write"] = time.monotonic() - start
-            self.ledgers[root].record_done(task, [str(p) for p in written], result.timings,
-                                           infotext)
+            ledger.record_done(task, [str(p) for p in written], result.timings, infotext)
             with self._counts_lock:
                 self.counts.rendered += 1
             self.progress.advance(task, ok=True)
         except Exception as exc:
-            self._fail(task, exc)
+            if reconcile.disk_full(exc):
+                self._stop_disk_full(root, exc)
+            else:
+                self._fail(task, exc)
+
+    def _claim(self, ledger: Any, path: Path, task: Task) -> None:
+        """Free ``path`` for ``task``'s file: a changed file of ours is moved aside (one
+        warning line); a foreign one raises ``OutputRefused`` and the task fails."""
+        moved = reconcile.claim_target(ledger, path, (task.id, task.job))
+        if moved is not None:
+            self._say(f"warning: {path} is not the file render wrote (changed or damaged "
+                      f"since); kept it as {moved.name}, writing the new one in its place")
 
     def _path_for(self, task: Task) -> Path:
+        """The task's path, its folder made, never through a link leading out of the root."""
         path = self._paths[(task.job, task.index)]
+        output.check_inside(path.parent, self.roots[task.job])
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -280,7 +405,7 @@ class Runner:
 
         report = RunReport(sorted(self.ledgers), self.jobs, self.ledgers, self.counts,
                            self.stop.is_set())
-        for name, job in self.jobs.items():
+        for name, job in ({} if self.disk_full else self.jobs).items():   # nothing new written
             if not (job.output.grid and job.grid_axes):
                 continue
             rows = self.ledgers[self.roots[name]].rows(job=name)
@@ -289,7 +414,7 @@ class Runner:
                     job, self.roots[name], now=self._started))
             except Exception as exc:  # a sheet must never cost the night's images
                 log.warning("grid sheet for job %s failed: %s", name, exc)
-        for root, ledger in self.ledgers.items():
+        for root, ledger in ({} if self.disk_full else self.ledgers).items():
             try:
                 gallery.build_gallery(root, ledger, report.grids)
             except Exception as exc:
@@ -303,4 +428,4 @@ class Runner:
     def _summary(self) -> str:
         from render.progress import summary
 
-        return summary(self.counts, interrupted=self.stop.is_set())
+        return summary(self.counts, interrupted=self.stop.is_set() and not self.disk_full)

@@ -87,11 +87,29 @@ def test_thumbnails_are_reused_and_pruned(tmp_path: Path) -> None:
     thumb = thumbnail(images[0], root)
     assert thumb is not None
     mtime = thumb.stat().st_mtime_ns
-    stale = root / THUMBS / "0000000000deadbeef00.jpg"
-    stale.write_bytes(b"old")
+    gone = images[1].with_name("gone.png")
+    images[1].rename(gone)                              # a thumbnail of no ledger image
+    stale = thumbnail(gone, root)
+    assert stale is not None and stale.exists()
+    foreign = root / THUMBS / "holiday.jpg"             # the user's own file, not ours
+    Image.new("RGB", (8, 8)).save(foreign)
     build_gallery(root, ledger, {})
     assert thumb.stat().st_mtime_ns == mtime           # not rebuilt: the image is older
     assert not stale.exists()                           # no longer referenced
+    assert foreign.exists()                             # never ours: never pruned
+    ledger.close()
+
+
+def test_a_foreign_index_html_is_left_alone(tmp_path: Path) -> None:
+    """Issue 12: an output root that already holds somebody's index.html keeps it; the
+    gallery goes to render-gallery.html, and is rewritten there on the next run."""
+    ledger, _images, _ = fill(tmp_path)
+    root = ledger.root
+    (root / "index.html").write_text("<html>my homepage</html>")
+    path = build_gallery(root, ledger, {})
+    assert path == root / "render-gallery.html"
+    assert (root / "index.html").read_text() == "<html>my homepage</html>"
+    assert build_gallery(root, ledger, {}) == path
     ledger.close()
 
 

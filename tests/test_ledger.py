@@ -127,9 +127,12 @@ def test_read_done_keys_creates_nothing(tmp_path: Path) -> None:
     assert read_done_keys(tmp_path / "none") == set()
     assert not (tmp_path / "none").exists()
     task = make_task()
+    (tmp_path / "x.png").write_bytes(b"x")
     with Ledger(tmp_path) as ledger:
         ledger.record_done(task, [tmp_path / "x.png"], {}, None)
         assert read_done_keys(tmp_path) == {(task.id, task.job)}    # while the writer is open (WAL)
+    (tmp_path / "x.png").unlink()    # the disk is believed over the ledger (issue 12)
+    assert read_done_keys(tmp_path) == set()
 
 
 def test_jobs_in_order_of_appearance_and_threads(tmp_path: Path) -> None:

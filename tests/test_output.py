@@ -251,16 +251,27 @@ def test_temp_names_are_hidden_and_keep_the_extension(tmp_path: Path) -> None:
 
 
 def test_remove_stale_temps(tmp_path: Path) -> None:
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    stale = tmp_path / "job" / f".00001-1.tmp-{dead.pid}-abcdef.png"
+    """Only temps registered by a dead process of ours go (issue 12: never a file that only
+    looks like one)."""
+    from render.ledger import Ledger
+
+    stale = tmp_path / "job" / ".00001-1.tmp-1-abcdef.png"
     live = tmp_path / f".00002-1.tmp-{os.getpid()}-abcdef.png"
-    stale.parent.mkdir()
-    stale.write_bytes(b"x")
-    live.write_bytes(b"x")
+    lookalike = tmp_path / "notes" / ".draft.tmp-99999-abcdef.txt"
+    for path in (stale, live, lookalike):
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x")
     (tmp_path / "keep.png").write_bytes(b"x")
-    assert output.remove_stale_temps(tmp_path) == 1
+    code = ("import sys; from render.ledger import Ledger; "
+            "Ledger(sys.argv[1]).register_temp(sys.argv[2])")   # a process that then died
+    subprocess.run([sys.executable, "-c", code, str(tmp_path), str(stale)], check=True,
+                   cwd=Path(__file__).resolve().parents[1])
+    with Ledger(tmp_path) as ledger:
+        ledger.register_temp(live)
+        assert output.remove_stale_temps(tmp_path, ledger) == 1
+        assert [p.name for p, _, _ in ledger.temps()] == [live.name]
     assert not stale.exists() and live.exists() and (tmp_path / "keep.png").exists()
+    assert lookalike.exists()
 
 
 # -- the core writers as a plugin ---------------------------------------------------------------

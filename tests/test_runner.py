@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from render import metadata
 from render.ledger import Ledger, RunLock
+from render.testing.processes import render_process as cli
+from render.testing.processes import wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
 SLOW_WRITER = Path(__file__).parent / "fixtures" / "slow_writer"
 
 
@@ -29,12 +26,6 @@ def write_job(tmp_path: Path, kit: Path, body: str) -> Path:
     return job
 
 
-def cli(*args: str, **kw) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, str(ROOT / "render.py"), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
-
-
 def done_count(out: Path) -> int:
     if not (out / "render.db").exists():
         return 0
@@ -43,17 +34,6 @@ def done_count(out: Path) -> int:
             return len(ledger.done_keys())
     except Exception:
         return 0
-
-
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"run ended early: {proc.communicate()}")
-        time.sleep(0.05)
-    pytest.fail("timed out")
 
 
 def check_outputs(out: Path, n: int) -> None:
@@ -127,11 +107,16 @@ def test_second_run_on_a_locked_root_exits_with_a_message(tmp_path, kit):
 
 
 def test_a_failing_task_is_recorded_and_the_run_goes_on(tmp_path, kit):
-    bad = tmp_path / "broken.png"
-    bad.write_bytes(b"not an image at all")
+    # A fault at render time (a bad input image is refused at preflight since issue 12).
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "boom.py").write_text(
+        "from render.api import hookimpl\n\n"
+        "@hookimpl\ndef task_inputs(task, pipe):\n"
+        "    if task.job == 'bad':\n        raise RuntimeError('injected render fault')\n")
     job = write_job(tmp_path, kit, "jobs:\n  - {name: k, prompt: a barn, seeds: 2}\n"
-                    f"  - {{name: bad, prompt: x, image: {bad}, strength: 0.5}}\n")
-    proc = cli(str(job), "--batch-size", "1")
+                    "  - {name: bad, prompt: x}\n")
+    proc = cli(str(job), "--batch-size", "1", "--plugins-dir", str(plugins))
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 1
     assert "Traceback" not in stderr
@@ -139,7 +124,7 @@ def test_a_failing_task_is_recorded_and_the_run_goes_on(tmp_path, kit):
     assert "2 images" in summary and "1 failed" in summary and "bad#0" in summary
     with Ledger(tmp_path / "out") as ledger:
         (row,) = ledger.rows(job="bad")
-    assert row.status == "failed" and row.error
+    assert row.status == "failed" and "injected render fault" in (row.error or "")
     assert len(list((tmp_path / "out" / "k").glob("*.png"))) == 2
 
 
