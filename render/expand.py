@@ -19,7 +19,7 @@ import math
 import random
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from render.fields import (
     CORE_FIELDS,
     EXPANSION_KEYS,
     JOB_ONLY_KEYS,
+    MAX_PROMPT_CHARS,
     FieldContext,
     describe,
     expect_bool,
@@ -41,7 +42,7 @@ from render.fields import (
 from render.jobfile import MarkedList, MarkedMap
 from render.models import ALIAS_KEYS as MODEL_MAPPING_KEYS
 from render.plugins import FieldSpec, Plugins
-from render.tasks import Job, OutputSpec, Task
+from render.tasks import DEFAULT_STRENGTH, Job, OutputSpec, Task
 
 TOP_LEVEL_KEYS = ("version", "model_dirs", "wildcard_dirs", "models", "output", "defaults",
                   "jobs")
@@ -85,17 +86,22 @@ class JobPlan:
     key_paths: dict[str, str]                # top-level key -> "jobs[1].cfg" / "defaults.cfg"
     grid: list[Axis]
     zip: list[Axis]
-    seeds: list[int]
+    seeds: Sequence[int]                     # a range for "N" and "a-b": never materialised
     mode: str                                # "random" | "combinatorial"
     draws: int                               # random mode: prompt draws
     prompt_count: int
     file: JobFile = field(repr=False)
 
     @property
+    def seed_count(self) -> int:
+        """How many seeds, counted (``len`` of a range past 2**63 overflows)."""
+        return _length(self.seeds)
+
+    @property
     def task_count(self) -> int:
         zip_rows = len(self.zip[0].values) if self.zip else 1
         return (self.prompt_count * math.prod(len(a.values) for a in self.grid) * zip_rows
-                * len(self.seeds))
+                * self.seed_count)
 
     def locate(self, key_path: str) -> tuple[Location | None, str]:
         """Where a (dotted) key of this job was written, and how to name it in an error."""
@@ -136,6 +142,12 @@ class JobFile:
             cached = (validator(raw, ctx),)
             self._cache[(key, token)] = cached
         return cached[0]
+
+
+def _length(seeds: Sequence[int]) -> int:
+    if isinstance(seeds, range):
+        return max(0, (seeds.stop - seeds.start + seeds.step - 1) // seeds.step)
+    return len(seeds)
 
 
 def _format_subkey(rest: str) -> str:
@@ -295,6 +307,8 @@ def _job(jf: JobFile, i: int, entry: Any, entry_where: Location | None, defaults
     elif name in seen:
         errors.add(jobfile.where(entry, "name"), f"{prefix}.name",
                    f"duplicate job name {name!r} (first used at line {seen[name].line})")
+    elif reserved := _reserved_name(name):
+        errors.add(jobfile.where(entry, "name"), f"{prefix}.name", reserved)
     else:
         seen[name] = jobfile.where(entry, "name") or Location(jf.path)
 
@@ -313,6 +327,9 @@ def _job(jf: JobFile, i: int, entry: Any, entry_where: Location | None, defaults
             locations[key] = jobfile.where(source, key) or entry.where
             key_locations[key] = jobfile.where(source, key, of_key=True) or entry.where
             key_paths[key] = f"{source_prefix}.{key}"
+    # ``plan.locate("name")``: where another file's job of the same name is reported
+    locations["name"] = jobfile.where(entry, "name") or entry.where
+    key_paths["name"] = f"{prefix}.name"
     known = sorted(set(CORE_FIELDS) | set(EXPANSION_KEYS) | set(JOB_ONLY_KEYS)
                    | {k for (w, k) in jf.fields if w == "task"})
 
@@ -356,7 +373,7 @@ def _job(jf: JobFile, i: int, entry: Any, entry_where: Location | None, defaults
                                                   (raw.get("grid") or {})}:
         err("model", "missing; set 'model' in defaults or on the job", entry.where,
             f"{prefix}.model")
-    output = _output(jf, entry, output_defaults, prefix, errors)
+    output = _output(jf, entry, output_defaults, prefix, errors, raw)
     grid = _axes(jf, raw, entry, "grid", prefix, errors, check)
     zip_axes = _axes(jf, raw, entry, "zip", prefix, errors, check)
     if zip_axes and len({len(a.values) for a in zip_axes}) > 1:
@@ -368,7 +385,7 @@ def _job(jf: JobFile, i: int, entry: Any, entry_where: Location | None, defaults
     axis_tops = {a.top for a in grid + zip_axes}
     _check_sampler_pairs(jf, raw, grid + zip_axes, err)
     seeds = _seeds(raw, locations, key_paths, errors, entry)
-    if "seed" in axis_tops and len(seeds) > 1:
+    if "seed" in axis_tops and _length(seeds) > 1:
         err("seeds", "a job with a 'seed' axis takes its seeds from the axis; remove 'seeds'")
     if "seed" in axis_tops:
         seeds = seeds[:1]
@@ -393,13 +410,18 @@ def _job(jf: JobFile, i: int, entry: Any, entry_where: Location | None, defaults
                                 f"{prefix}.grid.{k}"))
     if "negative" in raw:
         _check_template(jf, raw["negative"], lambda m: err("negative", m))
-    for axis in grid + zip_axes:
+    for axis, section in [(a, "grid") for a in grid] + [(a, "zip") for a in zip_axes]:
         if axis.key == "prompt_sr":
             template = str(raw.get("prompt", ""))
             first = str(axis.values[0]) if axis.values else ""
-            if first not in template:
-                err("grid", f"prompt_sr: the first value {first!r} must appear in the prompt",
-                    axis.where[0] if axis.where else None, f"{prefix}.grid.prompt_sr")
+            if not first:
+                err(section, "prompt_sr: the first value is the text to search for in the "
+                    "prompt and may not be empty", axis.where[0] if axis.where else None,
+                    f"{prefix}.{section}.prompt_sr")
+            elif first not in template:
+                err(section, f"prompt_sr: the first value {first!r} must appear in the prompt",
+                    axis.where[0] if axis.where else None, f"{prefix}.{section}.prompt_sr")
+    _check_image_keys(jf, raw, grid, zip_axes, prefix, err)
 
     if errors.broken:
         jf.broken[str(name)] = errors.broken
@@ -412,6 +434,73 @@ def _job(jf: JobFile, i: int, entry: Any, entry_where: Location | None, defaults
                    prompt_count, jf)
     plan.job = dataclasses.replace(job, task_count=plan.task_count)
     return plan
+
+
+def _chars(n: int) -> str:
+    return f"{n:,} characters" if n < wildcards.COUNT_LIMIT else "over 2**64 characters"
+
+
+def _image_problem(image: Any, mask: Any, strength: Any, steps: Any) -> tuple[str, str] | None:
+    """(key, message) when a task's image settings cannot render, or None.
+
+    diffusers' img2img and inpainting run ``int(steps * strength)`` of the ``steps``
+    (``get_timesteps``) and refuse to run none.
+    """
+    if mask is not None and image is None:
+        return "mask", "a mask needs an image to inpaint: set 'image:' as well"
+    if image is None or not isinstance(steps, int):
+        return None
+    used = DEFAULT_STRENGTH if strength is None else strength
+    if not isinstance(used, (int, float)) or int(steps * used) >= 1:
+        return None
+    fix = f"raise strength to at least {math.ceil(100 / steps) / 100:g}"
+    if used > 0 and math.ceil(1 / used) <= 1000:
+        fix += f" or steps to at least {math.ceil(1 / used)}"
+    default = " (the default)" if strength is None else ""
+    return "strength", (f"strength {used:g}{default} with steps {steps} runs no denoising "
+                        f"step (img2img runs int(steps x strength) = 0 of them); {fix}")
+
+
+def _check_image_keys(jf: JobFile, raw: dict[str, Any], grid: list[Axis], zip_axes: list[Axis],
+                      prefix: str, err: Any) -> None:
+    """``mask`` without ``image``, and a strength too low for its steps, at validation.
+
+    Every (image, mask, strength, steps) the job can combine is tried: a grid axis pairs
+    with every value of the others, zip axes row by row. Values that failed validation are
+    skipped (already reported). The error names the axis value that varies, if one does.
+    """
+    keys = ("image", "mask", "strength", "steps")
+    Choice = dict[str, tuple[Any, Location | None, str]]   # key -> (value, where, key path)
+    options: list[list[Choice]] = []
+    for axis in grid:
+        if axis.key in keys:
+            options.append([{axis.key: (v, w, f"{prefix}.grid.{axis.key}")}
+                            for v, w in zip(axis.values, axis.where, strict=True)])
+    zipped = [a for a in zip_axes if a.key in keys]
+    if zipped:
+        options.append([{a.key: (a.values[n], a.where[n], f"{prefix}.zip.{a.key}")
+                         for a in zipped} for n in range(min(len(a.values) for a in zipped))])
+    if math.prod(len(o) for o in options) > 10_000:
+        return   # too many to pair up here: each task is checked as it is built
+    for combo in itertools.product(*options):
+        chosen: Choice = {}
+        for choice in combo:
+            chosen.update(choice)
+        values = {k: chosen[k][0] if k in chosen else raw.get(k) for k in keys}
+        try:
+            image, mask, strength, steps = (
+                None if values[k] is None else jf.normalise(k, values[k]) for k in keys)
+        except FieldError:
+            continue
+        problem = _image_problem(image, mask, strength, steps)
+        if problem:
+            key = problem[0]   # blame the value that varies, else the one written down
+            if key == "strength" and "strength" not in chosen and (
+                    "steps" in chosen or raw.get("strength") is None):
+                key = "steps"
+            where, path = chosen[key][1:] if key in chosen else (None, None)
+            err(key, problem[1], where, path)
+            return
 
 
 def _check_sampler_pairs(jf: JobFile, raw: dict[str, Any], axes: list[Axis], err: Any) -> None:
@@ -462,7 +551,7 @@ def _sub_location(value: Any, subkey: str, where: Location | None) -> tuple[Loca
 
 
 def _output(jf: JobFile, entry: MarkedMap, defaults: MarkedMap, prefix: str,
-            errors: _Collector) -> OutputSpec:
+            errors: _Collector, raw: dict[str, Any]) -> OutputSpec:
     from render import output as output_module
 
     merged: dict[str, Any] = {}
@@ -502,23 +591,56 @@ def _output(jf: JobFile, entry: MarkedMap, defaults: MarkedMap, prefix: str,
             errors.add(loc, path, str(exc), plugin=True)
     spec = dataclasses.replace(spec, **values, options=options)
     try:
-        output_module.check_output_spec(spec, _name_fields(entry))
+        output_module.check_output_spec(spec, _name_fields(raw), samples=_name_samples(raw))
     except FieldError as exc:
         loc, path = where.get(exc.subkey, (entry.where, f"{prefix}.output.{exc.subkey}"))
         errors.add(loc, path, exc.message)
     return spec
 
 
-def _name_fields(entry: MarkedMap) -> set[str]:
-    """Template fields allowed in output names: the standard ones plus this job's axes."""
+def _name_fields(raw: dict[str, Any]) -> set[str]:
+    """Template fields allowed in output names: the standard ones plus this job's axes
+    (written on the job or in ``defaults``)."""
     from render import output as output_module
 
     allowed = set(output_module.BUILTIN_FIELDS)
     for section in ("grid", "zip"):
-        axes = entry.get(section)
+        axes = raw.get(section)
         if isinstance(axes, dict):
             allowed.update(str(k) for k in axes)
     return allowed
+
+
+def _name_samples(raw: dict[str, Any]) -> dict[str, list[Any]]:
+    """The values a name field of this job can take, where the job decides them: each
+    axis's values, and every ``cfg`` (an int stays an int, so ``{cfg:d}`` may fit)."""
+    samples: dict[str, list[Any]] = {}
+    for section in ("grid", "zip"):
+        axes = raw.get(section)
+        if isinstance(axes, dict):
+            for key, values in axes.items():
+                if isinstance(values, list):
+                    samples.setdefault(str(key), []).extend(values)
+    cfgs = [raw.get("cfg"), *samples.get("cfg", [])]
+    samples["cfg"] = [v for v in cfgs if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return samples
+
+
+def _reserved_name(name: str) -> str:
+    """Why ``name`` cannot be a job's name, or "": the output root's own files live beside
+    the job folders (``out/{job}``), compared case-insensitively as macOS/Windows disks do."""
+    from render import gallery, ledger
+
+    own = (ledger.DB_NAME, ledger.LOCK_NAME, gallery.INDEX)
+    folded = name.casefold()
+    if name.startswith("."):
+        return (f"job name {name!r} starts with '.': hidden names are the output folder's own "
+                "(thumbnails, temp files); rename the job")
+    if folded in {n.casefold() for n in own} or folded.startswith(
+            (ledger.DB_NAME.casefold(), ledger.LOCK_NAME.casefold())):
+        return (f"job name {name!r} is taken by the output folder's own files "
+                f"({', '.join(own)}); rename the job")
+    return ""
 
 
 def _axes(jf: JobFile, raw: dict[str, Any], entry: MarkedMap, section: str, prefix: str,
@@ -601,7 +723,7 @@ def _apply_dotted(container: Any, parts: list[str], value: Any) -> Any:
 
 
 def _seeds(raw: dict[str, Any], locations: dict[str, Location], key_paths: dict[str, str],
-           errors: _Collector, entry: MarkedMap) -> list[int]:
+           errors: _Collector, entry: MarkedMap) -> Sequence[int]:
     def fail(key: str, message: str) -> list[int]:
         errors.add(locations.get(key, entry.where), key_paths.get(key, key), message)
         return [0]
@@ -617,25 +739,32 @@ def _seeds(raw: dict[str, Any], locations: dict[str, Location], key_paths: dict[
         return fail("seeds", str(exc))
 
 
-def parse_seeds(value: Any, base: int = 0) -> list[int]:
-    """``N`` -> N seeds from ``base``; ``[1, 5]``; ``"100-107"`` (inclusive); ``"random"``."""
+def parse_seeds(value: Any, base: int = 0) -> Sequence[int]:
+    """``N`` -> N seeds from ``base``; ``[1, 5]``; ``"100-107"`` (inclusive); ``"random"``.
+
+    A count or a range stays a ``range``: it is counted, never built, before the guard.
+    """
     if value == "random":
         return [secrets.randbelow(2**32)]
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 1:
-            raise ValueError(f"expected a seed count >= 1, got {value}")
+            raise ValueError(f"expected a seed count >= 1, got {describe(value)}")
         if base + value - 1 > MAX_SEED:
-            raise ValueError(f"seeds from {base} overflow the largest seed")
-        return list(range(base, base + value))
+            raise ValueError(f"{describe(value)} seeds from {base} overflow the largest seed "
+                             f"({MAX_SEED})")
+        return range(base, base + value)
     if isinstance(value, str):
         match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value)
         if match:
+            if max(len(match.group(1)), len(match.group(2))) > len(str(MAX_SEED)):
+                raise ValueError(f"seed range {describe(value)} exceeds the largest seed "
+                                 f"({MAX_SEED})")
             low, high = int(match.group(1)), int(match.group(2))
             if high < low:
                 raise ValueError(f"seed range {value!r} runs backwards")
             if high > MAX_SEED:
-                raise ValueError(f"seed range {value!r} exceeds the largest seed")
-            return list(range(low, high + 1))
+                raise ValueError(f"seed range {value!r} exceeds the largest seed ({MAX_SEED})")
+            return range(low, high + 1)
     if isinstance(value, list) and value:
         seeds = []
         for item in value:
@@ -654,8 +783,16 @@ def _check_template(jf: JobFile, template: Any, report: Any) -> int:
     prompt edit) is checked on the expansions, the first ``PROMPT_CHECKS`` of them here;
     :func:`_build_task` checks each task's own prompt as it is made.
     """
+    if len(str(template)) > MAX_PROMPT_CHARS:
+        return 0   # its validator says so
     try:
         combos = wildcards.count(str(template), jf.library)
+        longest = wildcards.longest(str(template), jf.library)
+        if longest > MAX_PROMPT_CHARS:
+            report(f"an expansion of this template can be {_chars(longest)} long, more "
+                   f"than the {MAX_PROMPT_CHARS:,} characters a prompt may have; pick fewer "
+                   "or shorter values")
+            return 0
         expansions = wildcards.combinations(str(template), jf.library)
         for expansion in itertools.islice(expansions, PROMPT_CHECKS):
             problem = prompt_syntax.prompt_problem(expansion.text)
@@ -755,6 +892,10 @@ def _build_task(plan: JobPlan, base: dict[str, Any], overrides: dict[str, Any],
     if negative_has_choices:
         negative = wildcards.sample(negative, jf.library, rng).text
     for key, text in (("prompt", prompt), ("negative", negative)):
+        if len(text) > MAX_PROMPT_CHARS:   # prompt_sr can lengthen a prompt
+            raise JobError(*plan.locate(key), f"task {index}: the {key} is "
+                           f"{_chars(len(text))} long, more than the {MAX_PROMPT_CHARS:,} "
+                           "characters a prompt may have")
         problem = prompt_syntax.prompt_problem(text)
         if problem:  # from a wildcard value, or an expansion _check_template did not reach
             raise JobError(*plan.locate(key), problem)
@@ -765,6 +906,10 @@ def _build_task(plan: JobPlan, base: dict[str, Any], overrides: dict[str, Any],
     sampler, schedule = _sampler_and_schedule(settings.pop("sampler"),
                                               settings.pop("schedule", None))
     sections = {k: v for k, v in settings.items() if k not in CORE_FIELDS}
+    problem = _image_problem(settings.get("image"), settings.get("mask"),
+                             settings.get("strength"), settings["steps"])
+    if problem:   # a combination of axis values validation could not pair up
+        raise JobError(*plan.locate(problem[0]), f"task {index}: {problem[1]}")
     return Task(
         job=plan.job.name, index=index, prompt=prompt, negative=negative, seed=seed,
         model=settings.get("model") or "", width=width, height=height,

@@ -27,6 +27,11 @@ class FieldContext:
 
 Validator = Callable[[Any, FieldContext], Any]
 
+#: The longest prompt or negative prompt, in characters, as written and after wildcards.
+#: A1111 prompts are a few hundred to a few thousand characters; 64 Ki leaves room for long
+#: generated ones and keeps a pasted file or a runaway wildcard out of the text encoder.
+MAX_PROMPT_CHARS = 65_536
+
 
 def describe(value: Any) -> str:
     """A short, quoted rendering of a bad value for error messages."""
@@ -150,7 +155,11 @@ def _optional_str(value: Any, ctx: FieldContext) -> str | None:
 
 
 def _text(value: Any, ctx: FieldContext) -> str:
-    return "" if value is None else expect_str(value, what="text")
+    text = "" if value is None else expect_str(value, what="text")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise FieldError(f"{len(text):,} characters, more than the {MAX_PROMPT_CHARS:,} a "
+                         "prompt may have")
+    return text
 
 
 def _optional_file(value: Any, ctx: FieldContext) -> str | None:

@@ -3,7 +3,9 @@ r"""Prompt templates in the sd-dynamic-prompts syntax: variants, wildcards, coun
 Why our own parser rather than the ``dynamicprompts`` library:
 
 * the explosion guard must know how many tasks a combinatorial template makes *before*
-  expanding it; :func:`count` is exact and cheap even at 10**12 (it never enumerates);
+  expanding it; :func:`count` is exact and cheap even at 10**12 (it never enumerates), and
+  saturates at ``COUNT_LIMIT`` (2**64) so ``{1-999999$$__big__}`` costs no more;
+  :func:`longest` bounds the text an expansion can grow to, before one is built;
 * a wildcard that resolves to nothing must be an error naming it (dynamicprompts only logs a
   warning and returns up to ``max_prompts`` copies of the raw ``__name__`` text);
 * random picks must be deterministic from a seed (``random.Random`` only, nothing that depends
@@ -60,6 +62,7 @@ from __future__ import annotations
 
 import bisect
 import difflib
+import heapq
 import itertools
 import json
 import math
@@ -73,8 +76,13 @@ from pathlib import Path
 
 import yaml
 
+from render import jobfile
+from render.errors import JobError
+
 __all__ = [
+    "COUNT_LIMIT",
     "MAX_DEPTH",
+    "MAX_FILE_BYTES",
     "MAX_NESTING",
     "Expansion",
     "Library",
@@ -88,12 +96,20 @@ __all__ = [
     "WildcardError",
     "combinations",
     "count",
+    "longest",
     "parse",
     "sample",
 ]
 
 MAX_DEPTH = 32          # wildcards inside wildcard values, deeper than this is an error
 MAX_NESTING = 32        # variants inside variants within one template or value
+#: Counts saturate here: no run renders 2**64 tasks, and exact arithmetic on the 2**100000
+#: subsets of a 100,000-line file would keep the explosion guard busy for minutes.
+COUNT_LIMIT = 2**64
+#: The largest wildcard file read, in bytes (big tag collections are a few MiB).
+MAX_FILE_BYTES = 8 * 2**20
+#: The most YAML values a wildcard file may expand to, aliases counted as often as used.
+MAX_FILE_NODES = 1_000_000
 DEFAULT_JOINER = ", "
 SUFFIXES = (".txt", ".yaml", ".yml", ".json")
 
@@ -125,7 +141,7 @@ class WildcardError(ValueError):
 # AST
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Literal:
     """Plain text, escapes already resolved."""
 
@@ -166,7 +182,7 @@ class Variant:
         return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Seq:
     """Parts expanded one after another; a template and every option is one."""
 
@@ -334,7 +350,7 @@ def parse(template: str) -> Seq:
 # Wildcard library
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Value:
     """One value of a wildcard, with where it was written (``line`` 0: unknown, JSON)."""
 
@@ -380,6 +396,8 @@ class Library:
         self._cum: dict[str, list[float]] = {}
         self._counts: dict[str, int] = {}
         self._templates: dict[Seq, int] = {}
+        self._longest: dict[str, int] = {}
+        self._template_lengths: dict[Seq, int] = {}
         self._pools: dict[str, tuple[list[Seq], list[float]]] = {}
 
     # -- index ----------------------------------------------------------------------------
@@ -511,11 +529,18 @@ class Library:
         total = 0
         for value in self._get(name):
             try:
-                total += _count(value.node, self, inner)
+                total = _capped(total + _count(value.node, self, inner))
             except WildcardError as e:
                 raise e.located(value.where) from None
         self._counts[name] = total
         return total
+
+    def _longest_value(self, name: str) -> int:
+        """The longest expansion of any value of ``name`` (after :meth:`_count` checked it)."""
+        known = self._longest.get(name)
+        if known is None:
+            known = self._longest[name] = max(_longest(v.node, self) for v in self._get(name))
+        return known
 
 
 def _walk(root: Path) -> list[Path]:
@@ -539,12 +564,9 @@ def _walk(root: Path) -> list[Path]:
 
 def _read(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise WildcardError(str(path), f"{path}: not UTF-8 text ({e.reason} at byte "
-                                       f"{e.start})") from None
-    except OSError as e:
-        raise WildcardError(str(path), f"{path}: cannot read ({e.strerror})") from None
+        return jobfile.read_text(path, what="wildcard file", limit=MAX_FILE_BYTES)
+    except JobError as e:
+        raise WildcardError(str(path), str(e)) from None
 
 
 def _pairs(data: object) -> Iterable[tuple[object, object]] | None:
@@ -569,20 +591,23 @@ def _structured_names(path: Path) -> list[tuple[tuple[str, ...], object]]:
         except json.JSONDecodeError as e:
             raise WildcardError(str(path), f"{path}:{e.lineno}: invalid JSON: {e.msg}") \
                 from None
+        except RecursionError:
+            raise WildcardError(str(path), f"{path}: invalid JSON: nested too deeply") \
+                from None
     else:
-        try:
-            data = yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f":{mark.line + 1}" if mark else ""
-            raise WildcardError(str(path), f"{path}{at}: invalid YAML: "
-                                           f"{getattr(e, 'problem', e)}") from None
+        try:   # bounded like a job file: no alias bomb, no nesting hundreds deep
+            data = jobfile.compose(text, str(path), max_nodes=MAX_FILE_NODES)
+        except JobError as e:
+            raise WildcardError(str(path), str(e)) from None
     top = _pairs(data)
     if top is None:
         return [((), data)] if data is not None else []
     out: list[tuple[tuple[str, ...], object]] = []
 
     def visit(pairs: Iterable[tuple[object, object]], prefix: tuple[str, ...]) -> None:
+        if len(prefix) >= jobfile.MAX_NESTING:
+            raise WildcardError(str(path), f"{path}: mappings nested more than "
+                                           f"{jobfile.MAX_NESTING} deep")
         for key, value in pairs:
             keys = (*prefix, str(key))
             inner = _pairs(value)
@@ -607,10 +632,10 @@ def _load(source: _Source, label: str) -> list[Value]:
         raw = _structured_values(source, label)
     values = []
     for text, number, weight in raw:
-        where = f"{source.file}:{number}" if number else str(source.file)
-        try:
-            node = parse(text)
+        try:   # plain text (most values of a big list) needs no parser
+            node = Seq((Literal(text),)) if _PLAIN.fullmatch(text) else parse(text)
         except WildcardError as e:
+            where = f"{source.file}:{number}" if number else str(source.file)
             raise WildcardError(label, e.message, where) from None
         values.append(Value(text, source.file, number, node, weight))
     return values
@@ -675,23 +700,55 @@ def _bounds(variant: Variant, n: int) -> tuple[int, int]:
     return min(variant.lo, n), hi
 
 
-def _subset_total(counts: list[int], lo: int, hi: int) -> int:
-    """Sum over k in lo..hi of the k-th elementary symmetric polynomial of ``counts``.
+def _capped(n: int) -> int:
+    return n if n < COUNT_LIMIT else COUNT_LIMIT
 
-    That is the number of ways to pick k distinct options and expand each; all-ones counts
-    are binomials, and a range up to n uses prod(1 + c) minus the terms below ``lo``.
+
+def _capped_product(factors: Iterable[int]) -> int:
+    total = 1
+    for factor in factors:
+        total = _capped(total * factor)
+    return total
+
+
+def _subset_total(counts: list[int], lo: int, hi: int) -> int:
+    """Sum over k in lo..hi of the k-th elementary symmetric polynomial of ``counts``, capped
+    at ``COUNT_LIMIT``.
+
+    That is the number of ways to pick k distinct options and expand each. Every count is at
+    least 1, so the sum is at least C(n, k) for each k in the range: a range reaching a
+    binomial of ``COUNT_LIMIT`` saturates at once. Any other range lies near 0 or near n
+    (C(n, k) < 2**64 needs k or n - k below ~64, or n below ~68), and a short recurrence
+    from that end is exact: e_0..e_hi of prod(1 + c x) from below, the top coefficients of
+    prod(c + x) from above.
     """
     n = len(counts)
+    if _comb_reaches(n, min(max(n // 2, lo), hi), COUNT_LIMIT):
+        return COUNT_LIMIT
     if all(c == 1 for c in counts):
-        return sum(math.comb(n, k) for k in range(lo, hi + 1))
-    upto = lo - 1 if hi == n else hi
-    e = [1] + [0] * max(upto, 0)
+        return _capped(sum(math.comb(n, k) for k in range(lo, hi + 1)))
+    if hi <= n - lo:
+        low = [1] + [0] * hi             # low[k] = e_k
+        for c in counts:
+            for k in range(hi, 0, -1):
+                low[k] = _capped(low[k] + low[k - 1] * c)
+        return _capped(sum(low[lo:]))
+    top = [1] + [0] * (n - lo)           # top[j] = e_(n-j): x**j in prod(c + x)
     for c in counts:
-        for k in range(min(upto, n), 0, -1):
-            e[k] += e[k - 1] * c
-    if hi == n:
-        return math.prod(1 + c for c in counts) - sum(e[:lo])
-    return sum(e[lo:hi + 1])
+        for j in range(n - lo, 0, -1):
+            top[j] = _capped(top[j] * c + top[j - 1])
+        top[0] = _capped(top[0] * c)
+    return _capped(sum(top[n - hi:]))
+
+
+def _comb_reaches(n: int, k: int, limit: int) -> bool:
+    """Whether C(n, k) >= limit, in at most ~log2(limit) exact steps for large n."""
+    value = 1
+    for i in range(min(k, n - k)):
+        value = value * (n - i) // (i + 1)   # C(n, i + 1), exact
+        if value >= limit:
+            return True
+    return value >= limit
 
 
 def _pool(variant: Variant, library: Library) -> tuple[list[Seq], list[float], str | None]:
@@ -706,7 +763,7 @@ def _count(node: Node, library: Library, stack: tuple[str, ...]) -> int:
     if isinstance(node, Literal):
         return 1
     if isinstance(node, Seq):
-        return math.prod(_count(p, library, stack) for p in node.parts)
+        return _capped_product(_count(p, library, stack) for p in node.parts)
     if isinstance(node, Wildcard):
         return library._count(node.name, stack)
     nodes, _, pooled = _pool(node, library)
@@ -720,7 +777,8 @@ def _count(node: Node, library: Library, stack: tuple[str, ...]) -> int:
 
 
 def count(template: str | Seq, library: Library) -> int:
-    """The exact number of combinatorial expansions; never enumerates them.
+    """The exact number of combinatorial expansions (``COUNT_LIMIT`` for that many or more);
+    never enumerates them.
 
     Also checks every wildcard the template can reach (not found, empty, cycles), so the
     same errors come out whatever a seed would have picked.
@@ -730,6 +788,39 @@ def count(template: str | Seq, library: Library) -> int:
     if known is None:
         try:
             known = library._templates[node] = _count(node, library, ())
+        except RecursionError:
+            raise WildcardError(str(template), "template and its wildcards nest too deeply "
+                                               "to expand") from None
+    return known
+
+
+def _longest(node: Node, library: Library) -> int:
+    if isinstance(node, Literal):
+        return len(node.text)
+    if isinstance(node, Seq):
+        return _capped(sum(_longest(p, library) for p in node.parts))
+    if isinstance(node, Wildcard):
+        return library._longest_value(node.name)
+    nodes, _, _ = _pool(node, library)
+    _, hi = _bounds(node, len(nodes))
+    lengths = [_longest(n, library) for n in nodes]
+    picked = heapq.nlargest(hi, lengths) if hi < len(lengths) else lengths
+    return _capped(sum(picked) + len(node.sep) * max(hi - 1, 0))
+
+
+def longest(template: str | Seq, library: Library) -> int:
+    """An upper bound on the length of any expansion, in characters; never expands.
+
+    Exact but for the joiners of picks that expand to nothing. Checks the template like
+    :func:`count` first. A prompt's length is bounded before a wildcard of wildcards can
+    grow one to gigabytes.
+    """
+    node = parse(template) if isinstance(template, str) else template
+    count(node, library)
+    known = library._template_lengths.get(node)
+    if known is None:
+        try:
+            known = library._template_lengths[node] = _longest(node, library)
         except RecursionError:
             raise WildcardError(str(template), "template and its wildcards nest too deeply "
                                                "to expand") from None

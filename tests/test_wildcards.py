@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from render.wildcards import (
+    COUNT_LIMIT,
     MAX_DEPTH,
     MAX_NESTING,
     Expansion,
@@ -479,8 +480,11 @@ def test_huge_count_is_exact_and_cheap(lib: Library) -> None:
     assert next(stream).text == " ".join(["0"] * 11 + ["1"])
     assert sample(template, lib, random.Random(0)).text.count(" ") == 11
     options = "|".join(f"{{x{i}|y{i}|z{i}}}" for i in range(2000))
-    assert count("{1-$$" + options + "}", lib) == 4**2000 - 1
+    assert count("{1-$$" + options + "}", lib) == COUNT_LIMIT     # 4**2000 - 1: saturated
     assert count("{2$$" + options + "}", lib) == 9 * 2000 * 1999 // 2
+    twenty = "|".join(f"{{x{i}|y{i}|z{i}}}" for i in range(20))
+    assert count("{1-$$" + twenty + "}", lib) == 4**20 - 1
+    assert count("{19-$$" + twenty + "}", lib) == 20 * 3**19 + 3**20   # counted from the top
 
 
 def test_combinations_stream_in_order(lib: Library) -> None:
