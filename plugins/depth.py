@@ -23,7 +23,9 @@ with MiDaS weights, or ``depth_anything`` with a transformers folder), which wor
 SD1.x/SDXL model. ``depth:`` and ``controlnet:`` do not combine (diffusers has no depth
 ControlNet pipeline), and ``depth:`` brings its own image, so the task's ``image:``/``mask:``
 must not be set. (A depth model with a plain ``image:`` and no ``depth:`` is the core's
-img2img on that model, which also uses the model's estimator.)
+img2img on that model, which also uses the model's estimator; a depth model with neither
+``depth:`` nor ``image:`` is refused at preflight, at its ``model`` key.) Preflight also
+decodes ``image`` and ``depth_map`` once, so a damaged file is an error at its key.
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ def task_files(task: Any, models: Any) -> dict[str, Any] | None:
     """Check the model has a depth UNet (and an estimator unless a map is given)."""
     depth = section(task)
     if depth is None:
+        _check_plain_task(task)
         return None
     if task.sections.get("controlnet"):
         raise FieldError("depth: cannot be combined with controlnet: (diffusers has no depth"
@@ -127,11 +130,27 @@ def task_files(task: Any, models: Any) -> dict[str, Any] | None:
                 f"model '{task.model}' comes without a depth estimator (no depth_estimator/"
                 " folder in its diffusers folder or config): give depth_map: an image of the"
                 " depth (white = near)")
-    files = {"depth:image": models.file_ref("image", depth["image"], depth["image"])}
-    if depth["depth_map"]:
-        files["depth:depth_map"] = models.file_ref("image", depth["depth_map"],
-                                                   depth["depth_map"])
+    files = {}
+    for key in ("image", "depth_map"):
+        if depth[key]:
+            try:   # a file that cannot be decoded is refused here, at its key
+                files[f"depth:{key}"] = models.file_ref("image", depth[key], depth[key])
+            except FieldError as exc:
+                raise FieldError(exc.message, key) from None
     return files
+
+
+def _check_plain_task(task: Any) -> None:
+    """A depth model (5-channel UNet) without ``depth:`` renders only from an ``image:`` (the
+    core's img2img on it); text alone would fail at render time, after the model loaded."""
+    model = task.files.get("model")
+    if model is None or model.hub or task.image or task.sections.get("controlnet"):
+        return
+    if _in_channels(model) == 5:
+        raise FieldError(
+            f"model '{task.model}' is a depth-to-image model (its UNet takes 5 input channels:"
+            " latents and depth), which renders only from an image: add depth: {image: ...}"
+            " (or image: ...), or use a text-to-image model", key="model")
 
 
 def _in_channels(model: Any) -> int | None:

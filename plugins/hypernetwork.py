@@ -184,6 +184,9 @@ def validate_section(value: Any, ctx: FieldContext | None = None) -> tuple[tuple
             elif isinstance(item, Mapping) and len(item) == 1:
                 ((raw, strength),) = item.items()
                 items.append((f"{i}.{raw}", raw, strength))
+            elif isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str):
+                items.append((str(i), item[0], item[1]))   # this function's own output, as
+                # JSON holds it: an image's provenance is validated like a job file
             else:
                 raise FieldError("expected a hypernetwork name or {name: strength}, got "
                                  f"{describe(item)}", subkey=str(i))

@@ -27,8 +27,10 @@ Inline tags, as in A1111: ``<lora:name>`` (weight 1), ``<lora:name:w>``,
 ``<lora:name:te:unet>`` (text-encoder and UNet weights), named ``te=`` / ``unet=`` parts
 (``<lora:name:0.8:unet=0.5>``) and ``<lyco:...>`` as a synonym. Tags count in the prompt
 only (A1111 ignores them in the negative prompt, and so do we). A malformed tag is a
-preflight error. The engine takes every tag out
-of the text the encoder sees; the infotext keeps the prompt exactly as written.
+preflight error. Weights, in tags and in ``lora:``, are finite numbers within
++-:data:`MAX_WEIGHT` (20): past that a LoRA only wrecks the image (1e308 rendered black).
+The engine takes every tag out of the text the encoder sees; the infotext keeps the prompt
+exactly as written.
 
 Where a LoRA is named twice: in the prompt and in ``lora:``, the prompt's weight wins (the
 prompt is the more specific place: it may come from a wildcard line), unless a grid or zip
@@ -104,6 +106,9 @@ from render.api import (
 )
 
 KEY = "lora"
+#: The largest LoRA weight accepted (either sign). Useful weights are within about +-3; past
+#: this a LoRA only saturates the model (1e308 rendered an all-black image recorded as done).
+MAX_WEIGHT = 20.0
 #: How many LoRA adapters stay loaded in one pipeline before the least recently used goes.
 MAX_RESIDENT_ADAPTERS = 16
 
@@ -174,15 +179,19 @@ def _weights(value: Any, subkey: str) -> dict[str, float]:
             raise FieldError(f"expected both te and unet weights, {missing[0]} is missing",
                              subkey=subkey)
         try:
-            return {k: float(expect_number(value[k], what=f"a {k} weight"))
-                    for k in ("te", "unet")}
+            return {k: _weight(value[k], f"a {k} weight") for k in ("te", "unet")}
         except FieldError as exc:
             raise FieldError(exc.message, subkey=subkey) from None
     try:
-        weight = float(expect_number(value, what="a LoRA weight (or {te: w, unet: w})"))
+        weight = _weight(value, "a LoRA weight (or {te: w, unet: w})")
     except FieldError as exc:
         raise FieldError(exc.message, subkey=subkey) from None
     return {"te": weight, "unet": weight}
+
+
+def _weight(value: Any, what: str) -> float:
+    """A finite weight within +-:data:`MAX_WEIGHT`, as a float."""
+    return float(expect_number(value, minimum=-MAX_WEIGHT, maximum=MAX_WEIGHT, what=what))
 
 
 # -- expand: inline tags ----------------------------------------------------------------------
@@ -222,6 +231,9 @@ def _tag_number(text: str) -> float:
         raise ValueError(f"{text!r} is not a weight") from None
     if number != number or number in (float("inf"), float("-inf")):
         raise ValueError(f"{text!r} is not a weight")
+    if abs(number) > MAX_WEIGHT:
+        raise ValueError(f"weight {text} is out of range; a LoRA weight is within"
+                         f" [{-MAX_WEIGHT:g}, {MAX_WEIGHT:g}]")
     return number
 
 

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="re-render IMAGE from its embedded provenance")
     parser.add_argument("--show", metavar="IMAGE", help="print IMAGE's generation settings")
     parser.add_argument("--out", metavar="DIR", help="with --replay: folder for the new image")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="with --replay: load the pickle files (.ckpt, .pt, .bin) the "
+                             "image's task used; an image itself never grants this")
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors and the summary")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"render {__version__}")
@@ -62,8 +65,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S",
     )
     from render import run
+    from render.plan import check_device_name
 
     try:
+        check_device_name(args.device)
+        if args.allow_pickle and not args.replay:
+            raise UserError("--allow-pickle only applies to --replay; a job file allows a "
+                            "pickle per model, in models: with allow_pickle: true")
         if args.list_plugins:
             return run.list_plugins(args)
         if args.show:

@@ -13,11 +13,14 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from render.errors import UserError
 from render.weights import SAFE_EXTS, WEIGHT_EXTS, header_length, read_safetensors_header
 
 #: Files hashed for a diffusers folder (weights and the configs that also decide pixels).
@@ -41,6 +44,9 @@ class HashCache:
     """Hashes by (path, size, mtime_ns) in SQLite, so a file is read once until it changes.
 
     SQLite rather than a JSON file because two runs (cron and a manual one) may hash at once.
+    It is only a cache: a database that is not one (garbage, truncated) is moved aside with
+    one warning and rebuilt. A cache folder that cannot be made (``RENDER_CACHE_DIR`` names
+    a file, a read-only place) is a one-line error: the shipped configs live there too.
     """
 
     def __init__(self, path: Path | None = None) -> None:
@@ -51,15 +57,57 @@ class HashCache:
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(str(self.path), timeout=30, check_same_thread=False)
+            self._make_folder()
+            try:
+                self._db = self._open()
+            except sqlite3.DatabaseError as exc:
+                if self.path.is_dir() or not self._set_aside(exc):
+                    raise UserError(f"hash cache {self.path}: {exc}; {_CACHE_HINT}") from None
+                self._db = self._open()
+        return self._db
+
+    def _make_folder(self) -> None:
+        folder = self.path.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            what = ("is a file, not a folder" if isinstance(exc, (FileExistsError,
+                                                                   NotADirectoryError))
+                    else f"cannot be created ({exc.strerror or exc})")
+            raise UserError(f"cache folder {folder} {what}; {_CACHE_HINT}") from None
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), timeout=30, check_same_thread=False)
+        try:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS hashes (path TEXT, algo TEXT, size INTEGER,"
                 " mtime_ns INTEGER, value TEXT, PRIMARY KEY (path, algo))"
             )
             db.commit()
-            self._db = db
-        return self._db
+            (verdict,) = db.execute("PRAGMA quick_check").fetchone()
+            if verdict != "ok":
+                raise sqlite3.DatabaseError(f"database disk image is malformed ({verdict})")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _set_aside(self, exc: Exception) -> bool:
+        """Move a damaged cache file aside (kept, never deleted) so a new one can start."""
+        stamp = f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside = self.path.with_name(stamp)
+        n = 1
+        while aside.exists():   # never overwrite an earlier one
+            aside, n = self.path.with_name(f"{stamp}-{n}"), n + 1
+        try:
+            os.replace(self.path, aside)
+        except FileNotFoundError:
+            return True     # another run set it aside a moment ago
+        except OSError:
+            return False
+        print(f"warning: hash cache {self.path} was damaged ({exc}); moved it to {aside.name}"
+              " and started a new one (hashes are computed again)", file=sys.stderr)
+        return True
 
     def get(self, path: Path, algo: str, compute: Any) -> str:
         """The cached ``algo`` hash of ``path``, computing (and storing) it when stale."""
@@ -82,6 +130,10 @@ class HashCache:
             )
             db.commit()
         return value
+
+
+_CACHE_HINT = ("point RENDER_CACHE_DIR at a folder render may write (unset, it is "
+               "~/.cache/render)")
 
 
 _default_cache: HashCache | None = None
@@ -137,7 +189,13 @@ def file_sha256(path: str | Path, cache: HashCache | None = None) -> str:
 def folder_files(folder: Path) -> list[tuple[str, Path]]:
     """Weight and config files under a diffusers folder, sorted by relative path."""
     out = []
+    seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:   # a symlink loop (or a second link to one folder) ends here
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
             if name.startswith(".") or not name.lower().endswith(_FOLDER_HASH_EXTS):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
 from typing import Any
 
-from render.errors import UserError
+from render.errors import FieldError, UserError
+from render.hashing import per_file_version
 
 
 def load_image(path: str, width: int, height: int, mode: str = "RGB") -> Any:
@@ -20,3 +23,39 @@ def load_image(path: str, width: int, height: int, mode: str = "RGB") -> Any:
             return im
     except OSError as exc:
         raise UserError(f"{path}: cannot read image: {exc}") from exc
+
+
+def check_image(path: str | Path) -> None:
+    """Raise FieldError unless ``path`` decodes as an image: preflight opens and decodes each
+    input once (per file version), so a truncated file, a non-image or a decompression bomb
+    is a located error before any model loads instead of a failed task at render time."""
+    try:
+        problem = _decode_problem(Path(path))
+    except OSError as exc:   # gone or unreadable since validation
+        problem = f"cannot read {path}: {exc.strerror or exc}"
+    if problem:
+        raise FieldError(problem)
+
+
+def _decode(path: Path) -> str | None:
+    """Why ``path`` cannot be used as an input image, or None. Pillow's decompression-bomb
+    warning (more than ``Image.MAX_IMAGE_PIXELS`` pixels) counts as an error: such an image
+    costs gigabytes to decode, and no render needs one that large."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return (f"{path} has more than {Image.MAX_IMAGE_PIXELS:,} pixels (Pillow's"
+                " decompression-bomb limit); shrink it before using it as an input")
+    except Image.UnidentifiedImageError:
+        return f"{path} is not an image Pillow can read"
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+        return f"{path} cannot be decoded (truncated or damaged?): {exc}"
+    return None
+
+
+_decode_problem = per_file_version(_decode)

@@ -17,6 +17,12 @@ Name resolution (``ModelResolver.find``), first hit wins:
    downloads during a run: a night's run must not fail at 3 a.m. on a network error, and the
    GPU box has no network at all.
 
+Searching is bounded: links are followed once each, virtual filesystems (``/proc``) and
+unreadable folders are skipped, and a ``model_dirs`` entry that is a file, unreadable, virtual
+or a tree past :data:`MAX_SCAN_FOLDERS` folders is an error at its line (:meth:`dir_errors`).
+A pickle is refused unless allowed, in a diffusers folder only where diffusers or transformers
+would read it (:func:`pickle_files`): a decoy ``.safetensors`` hides nothing.
+
 Hashing is in :mod:`render.hashing`, reading weight files (headers, shapes, families) in
 :mod:`render.weights`; this module only turns names into hashed file references.
 """
@@ -24,9 +30,10 @@ Hashing is in :mod:`render.hashing`, reading weight files (headers, shapes, fami
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,10 +42,10 @@ from render.errors import FieldError
 from render.hashing import (
     HashCache,
     file_sha256,
-    folder_files,
     legacy_model_hash,
     lora_full_hash,
 )
+from render.images import check_image
 from render.kinds import ModelKind, hash_spec
 from render.tasks import FileRef
 from render.weights import (
@@ -86,34 +93,97 @@ def _ext_rank(entry: _Entry, extensions: tuple[str, ...]) -> int:
 
 
 def _is_model_dir(path: Path) -> bool:
-    return (path / "model_index.json").is_file() or (path / "config.json").is_file()
+    try:
+        return (path / "model_index.json").is_file() or (path / "config.json").is_file()
+    except OSError:   # a folder we may not look into (``/proc/1/fdinfo``): not a model
+        return False
 
 
-def _scan(root: Path, extensions: tuple[str, ...]) -> list[_Entry]:
-    """Files with ``extensions`` and model folders under ``root`` (recursive, symlinks
-    followed once)."""
-    entries: list[_Entry] = []
+#: A model_dirs entry is searched recursively, as A1111 does (not into model folders); past
+#: this many folders or files it is no models folder (``/``, a home directory), and render
+#: says so instead of walking it for minutes.
+MAX_SCAN_FOLDERS = 5_000
+MAX_SCAN_FILES = 100_000
+
+#: Filesystem types that hold no files of their own: never searched (``/proc`` is endless).
+VIRTUAL_FS = frozenset({
+    "autofs", "binfmt_misc", "bpf", "cgroup", "cgroup2", "configfs", "debugfs", "devpts",
+    "devtmpfs", "efivarfs", "fusectl", "hugetlbfs", "mqueue", "nsfs", "proc", "pstore",
+    "rpc_pipefs", "securityfs", "selinuxfs", "sysfs", "tracefs",
+})
+
+
+class TreeTooBig(Exception):
+    """A folder holds more than :data:`MAX_SCAN_FOLDERS` folders or
+    :data:`MAX_SCAN_FILES` files."""
+
+
+def virtual_roots() -> dict[str, str]:
+    """Mount point -> type of every virtual filesystem (from ``/proc/self/mounts`` where
+    there is one; ``/proc``, ``/sys`` and ``/dev`` always)."""
+    global _virtual
+    if _virtual is None:
+        found = {"/proc": "proc", "/sys": "sysfs", "/dev": "devtmpfs"}
+        try:
+            with open("/proc/self/mounts", encoding="utf-8", errors="replace") as fh:
+                for line in fh:
+                    parts = line.split()
+                    if len(parts) >= 3 and parts[2] in VIRTUAL_FS:
+                        point = parts[1].encode().decode("unicode_escape")  # \040 = space
+                        found.setdefault(point, parts[2])
+        except OSError:
+            pass
+        _virtual = found
+    return _virtual
+
+
+_virtual: dict[str, str] | None = None
+
+
+def virtual_fs(path: str | Path) -> str | None:
+    """The virtual filesystem type ``path`` lies in, or None for a real folder."""
+    real = os.path.realpath(path)
+    for point, fstype in virtual_roots().items():
+        if real == point or real.startswith(point.rstrip("/") + "/"):
+            return fstype
+    return None
+
+
+def walk(root: Path) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk(root)`` following links once each (a loop ends), skipping hidden folders,
+    virtual filesystems and folders it cannot read; prune by editing the yielded dirnames.
+    Raises :class:`TreeTooBig` past :data:`MAX_SCAN_FOLDERS` folders or
+    :data:`MAX_SCAN_FILES` files (counted before any pruning)."""
     seen: set[str] = set()
+    files = 0
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
-        if real in seen:
+        if real in seen or virtual_fs(real):
             dirnames[:] = []
             continue
         seen.add(real)
+        files += len(filenames)
+        if len(seen) > MAX_SCAN_FOLDERS or files > MAX_SCAN_FILES:
+            raise TreeTooBig(str(root))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        yield dirpath, dirnames, sorted(f for f in filenames if not f.startswith("."))
+
+
+def _listing(root: Path) -> list[_Entry]:
+    """Every file and model folder under ``root``; the search does not enter model folders."""
+    entries: list[_Entry] = []
+    for dirpath, dirnames, filenames in walk(root):
         keep = []
-        for d in sorted(dirnames):
-            if d.startswith("."):
-                continue
+        for d in dirnames:
             full = Path(dirpath) / d
             if _is_model_dir(full):
                 entries.append(_Entry(full.relative_to(root).as_posix(), full, True))
             else:
                 keep.append(d)
         dirnames[:] = keep
-        for name in sorted(filenames):
-            if name.lower().endswith(extensions) and not name.startswith("."):
-                full = Path(dirpath) / name
-                entries.append(_Entry(full.relative_to(root).as_posix(), full, False))
+        for name in filenames:
+            full = Path(dirpath) / name
+            entries.append(_Entry(full.relative_to(root).as_posix(), full, False))
     return entries
 
 
@@ -147,7 +217,8 @@ class ModelResolver:
         self.aliases = dict(aliases or {})
         self.hash_cache = hash_cache
         self._kinds = dict(kinds) if kinds is not None else None
-        self._index: dict[tuple[Path, tuple[str, ...]], list[_Entry]] = {}
+        self._listings: dict[Path, list[_Entry]] = {}
+        self._dir_errors: dict[int, FieldError] | None = None
         self._refs: dict[tuple[str, str], FileRef] = {}
         self._located: dict[tuple[str, str], Resolved | FieldError] = {}
 
@@ -172,20 +243,57 @@ class ModelResolver:
                 f"unknown model kind {kind!r} (known: {', '.join(sorted(self.kinds))}); a "
                 "plugin declares its kinds with the register_model_kinds hook") from None
 
+    def dir_errors(self) -> list[FieldError]:
+        """The ``model_dirs`` entries render cannot search, each a
+        ``FieldError(key="model_dirs", subkey=<index>)``: a file, a folder it may not read, a
+        virtual filesystem, a tree too big to be a models folder. Searches leave them out.
+        (A missing folder is no error: "not found" messages list what exists.)"""
+        if self._dir_errors is None:
+            self._dir_errors = {}
+            for index, d in enumerate(self.model_dirs):
+                problem = self._dir_problem(d)
+                if problem:
+                    self._dir_errors[index] = FieldError(problem, str(index), key="model_dirs")
+        return list(self._dir_errors.values())
+
+    def _dir_problem(self, d: Path) -> str | None:
+        if not d.exists():
+            return None
+        if not d.is_dir():
+            return f"{d} is a file, not a folder of models"
+        fstype = virtual_fs(d)
+        if fstype:
+            return f"{d} is a virtual filesystem ({fstype}), not a folder of models"
+        try:
+            with os.scandir(d):
+                pass
+        except OSError as exc:
+            return f"cannot read {d}: {exc.strerror or exc}"
+        try:
+            self._listing(d)
+        except TreeTooBig:
+            return (f"{d} holds more than {MAX_SCAN_FOLDERS:,} folders or {MAX_SCAN_FILES:,}"
+                    " files; render searches each model_dirs entry recursively (as A1111"
+                    " does), so name the folder that holds your models, e.g."
+                    " ~/stable-diffusion-webui/models")
+        return None
+
+    def _usable_dirs(self) -> list[Path]:
+        bad = {int(e.subkey) for e in self.dir_errors()}
+        return [d for i, d in enumerate(self.model_dirs) if i not in bad and d.is_dir()]
+
     def search_dirs(self, kind: str) -> list[Path]:
-        """The folders searched for ``kind``, in order (existing ones only)."""
+        """The folders searched for ``kind``, in order (existing, searchable ones only)."""
         spec = self.kind(kind)
         wanted = {n.lower() for n in spec.folders}
         layout = {n.lower() for k in self.kinds.values() for n in k.folders}
         roots: list[Path] = []
-        for d in self.model_dirs:
-            if not d.is_dir():
-                continue
-            children = sorted(c for c in d.iterdir() if c.is_dir())
+        for d in self._usable_dirs():
+            children = sorted(c for c in d.iterdir() if _is_dir(c))
             found = [c for c in children if c.name.lower() in wanted]
             for name in reversed(spec.beside):
                 beside = d.parent / name
-                if beside.is_dir():
+                if _is_dir(beside):
                     found.insert(0, beside)
             if not any(c.name.lower() in layout for c in children):
                 found.append(d)  # a flat folder of models
@@ -194,10 +302,19 @@ class ModelResolver:
                     roots.append(f)
         return roots
 
+    def _listing(self, root: Path) -> list[_Entry]:
+        if root not in self._listings:
+            self._listings[root] = _listing(root)
+        return self._listings[root]
+
     def _entries(self, root: Path, extensions: tuple[str, ...]) -> list[_Entry]:
-        if (root, extensions) not in self._index:
-            self._index[(root, extensions)] = _scan(root, extensions)
-        return self._index[(root, extensions)]
+        try:
+            listing = self._listing(root)
+        except TreeTooBig:
+            raise FieldError(f"{root} holds more than {MAX_SCAN_FOLDERS:,} folders or"
+                             f" {MAX_SCAN_FILES:,} files, too many to search for models; keep"
+                             " your models in a folder of their own") from None
+        return [e for e in listing if e.is_dir or e.rel.lower().endswith(extensions)]
 
     # aliases ------------------------------------------------------------------------------
     def alias(self, kind: str, name: str) -> dict[str, Any] | None:
@@ -289,11 +406,13 @@ class ModelResolver:
         if dirs:
             where = "in " + ", ".join(str(d) for d in dirs)
         else:
-            existing = [str(d) for d in self.model_dirs if d.is_dir()]
+            existing = [str(d) for d in self._usable_dirs()]
             tried = ", ".join(str(d) for d in self.model_dirs) or "none given"
             where = (
                 f"in no folder: model_dirs ({', '.join(existing)}) hold no folder named "
                 f"{expected}" if existing else
+                f"in no folder: no model_dirs entry ({tried}) can be searched (see the"
+                " model_dirs errors)" if self.dir_errors() else
                 f"in no folder: model_dirs ({tried}: none of them exists)"
             )
         msg = (
@@ -312,13 +431,22 @@ class ModelResolver:
         return msg
 
     def _check_pickle(self, kind: str, name: str, path: Path, options: Mapping[str, Any]) -> None:
-        pickles = _pickle_files(path)
-        if not pickles or options.get("allow_pickle") is True:
+        if options.get("allow_pickle") is True:
+            return
+        try:
+            pickles = pickle_files(path)
+        except TreeTooBig:
+            raise FieldError(f"{kind} '{name}': {path} holds more than {MAX_SCAN_FOLDERS:,}"
+                             f" folders or {MAX_SCAN_FILES:,} files; that is no model folder"
+                             ) from None
+        if not pickles:
             return
         shown = pickles[0] if path.is_dir() else path
+        read = (" (diffusers/transformers would read it: a .safetensors file beside it counts"
+                " only under the name they load)" if path.is_dir() else "")
         raise FieldError(
-            f"{kind} '{name}': {shown} is a pickle ({shown.suffix}) and loading a pickle can run"
-            f" code, so render refuses it. Convert it to .safetensors, or, if you trust the"
+            f"{kind} '{name}': {shown} is a pickle ({shown.suffix}){read} and loading a pickle"
+            f" can run code, so render refuses it. Convert it to .safetensors, or, if you trust the"
             f" file, alias it in models: with allow_pickle, e.g. `{name}: {{source: {path},"
             f" allow_pickle: true}}` (it is then read with torch's weights-only unpickler)"
         )
@@ -331,6 +459,8 @@ class ModelResolver:
         if key in self._refs:
             ref = self._refs[key]
             return ref if ref.name == name else _renamed(ref, name)
+        if kind == "image":   # an input that cannot be decoded fails here, not at render
+            check_image(path)
         sha = file_sha256(path, self.hash_cache)
         extra: dict[str, Any] = {}
         family: str | None = None
@@ -454,18 +584,90 @@ def _pick(hits: list[_Entry], name: str, root: Path, kind: str,
     return min(hits, key=lambda e: _ext_rank(e, extensions)).path.resolve()
 
 
-def _pickle_files(path: Path) -> list[Path]:
-    """The pickle files that loading ``path`` would read (a folder: components without
-    safetensors weights)."""
-    if path.is_file():
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+#: The weight files ``from_pretrained`` reads from a component folder, in the order it looks:
+#: diffusers' ModelMixin (a sharded index, else the single safetensors file, else the pickle)
+#: and transformers' PreTrainedModel. render passes no ``variant``, so ``*.fp16.*`` files are
+#: never read. (name, is a sharded index).
+DIFFUSERS_WEIGHTS = (("diffusion_pytorch_model.safetensors.index.json", True),
+                     ("diffusion_pytorch_model.safetensors", False),
+                     ("diffusion_pytorch_model.bin", False))
+TRANSFORMERS_WEIGHTS = (("model.safetensors", False), ("model.safetensors.index.json", True),
+                        ("pytorch_model.bin", False), ("pytorch_model.bin.index.json", True))
+
+
+def pickle_files(path: Path) -> list[Path]:
+    """The pickle files loading ``path`` would read.
+
+    A file: itself, if a pickle. A folder: for each component folder, the files diffusers or
+    transformers would pick there (see :data:`DIFFUSERS_WEIGHTS`); both rules are applied, so
+    whichever library loads a component, a pickle it would read is listed, and a decoy
+    ``.safetensors`` it would not read hides nothing. In a folder neither rule knows, every
+    pickle counts. The root of a pipeline folder (``model_index.json``) is not a component:
+    diffusers reads no weights there (a ``v1-5-pruned.ckpt`` kept beside them is ignored).
+    """
+    if not path.is_dir():
         return [path] if path.suffix.lower() in PICKLE_EXTS else []
-    out = []
-    for _rel, file in folder_files(path):
-        if file.suffix.lower() in PICKLE_EXTS:
-            siblings = list(file.parent.glob("*.safetensors"))
-            if not siblings:
-                out.append(file)
+    pipeline = (path / "model_index.json").is_file()
+    out: list[Path] = []
+    for dirpath, _dirs, _files in walk(path):
+        folder = Path(dirpath)
+        if pipeline and folder == path:
+            continue
+        reads = component_reads(folder)
+        if reads is None:
+            reads = [folder / f for f in _files]
+        out.extend(f for f in reads if f.suffix.lower() in PICKLE_EXTS)
     return out
+
+
+def component_reads(folder: Path) -> list[Path] | None:
+    """The weight files ``from_pretrained(folder)`` reads under diffusers' rule and under
+    transformers' (including a config's ``transformers_weights``), shards of a sharded
+    index included; None when neither rule finds a file here."""
+    explicit = _explicit_weights(folder)
+    rules = [DIFFUSERS_WEIGHTS,
+             ((explicit, explicit.endswith(".index.json")),) if explicit else TRANSFORMERS_WEIGHTS]
+    reads: list[Path] = []
+    found = False
+    for rule in rules:
+        for name, sharded in rule:
+            file = folder / name
+            if file.is_file():
+                reads.extend(_shards(file) if sharded else [file])
+                found = True
+                break
+    return reads if found else None
+
+
+def _explicit_weights(folder: Path) -> str | None:
+    """A transformers ``config.json``'s ``transformers_weights``: the file it loads first."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = config.get("transformers_weights") if isinstance(config, dict) else None
+    return name if isinstance(name, str) and name else None
+
+
+def _shards(index: Path) -> list[Path]:
+    """The shard files a sharded checkpoint's index names (its ``weight_map`` values); a
+    shard is loaded by its extension, so a pickle named in a safetensors index is a pickle."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []   # loading fails on an unreadable index: nothing is read
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        return []
+    return [index.parent / v for v in sorted({v for v in weight_map.values()
+                                              if isinstance(v, str)})]
 
 
 def _renamed(ref: FileRef, name: str) -> FileRef:

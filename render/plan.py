@@ -9,11 +9,14 @@ once (the most expensive switch outermost, as A1111's X/Y/Z plot does).
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
-from render.errors import FieldError, JobError, PluginError
+from render import jobfile
+from render.errors import FieldError, JobError, Location, PluginError, UserError
 from render.expand import JobFile, JobPlan
 from render.tasks import Batch, FileRef, Task
 
@@ -34,6 +37,10 @@ class Preflight:
         self.blocked: Counter[str] = Counter()
         self._seen_errors: set[str] = set()
         self._cache: dict[tuple[str, str], FileRef | FieldError] = {}
+        self._text_layers: dict[str, int | None] = {}
+        for exc in self.models.dir_errors():   # a model_dirs entry no search can use
+            where, key = _top_level_where(jf.path, "model_dirs", int(exc.subkey))
+            self._record(JobError(where, key, exc.message))
 
     def _ref(self, kind: str, name: str) -> FileRef:
         key = (kind, name)
@@ -54,10 +61,36 @@ class Preflight:
 
     def _fail(self, plan: JobPlan, key: str, exc: FieldError) -> None:
         where, path = plan.locate(key + (f".{exc.subkey}" if exc.subkey else ""))
-        error = JobError(where, path, exc.message)
+        self._record(JobError(where, path, exc.message))
+
+    def _record(self, error: JobError) -> None:
         if str(error) not in self._seen_errors:
             self._seen_errors.add(str(error))
             self.errors.append(error)
+
+    def _check_clip_skip(self, task: Task, model: FileRef) -> None:
+        """clip_skip must not pass the text encoder's layers (prompts.py would raise at render
+        time); the count comes from configs or tensor names, without torch."""
+        from render.weights import text_encoder_layers
+
+        if task.clip_skip <= 1 or model.hub:
+            return
+        if model.path not in self._text_layers:
+            extra = model.extra or {}
+            config = extra.get("config")
+            if not config and extra.get("shipped_config"):
+                from render.configs import source_dir
+
+                config = source_dir(str(extra["shipped_config"]))
+            self._text_layers[model.path] = text_encoder_layers(
+                model.path, Path(config) if config else None)
+        layers = self._text_layers[model.path]
+        if layers is not None and task.clip_skip > layers:
+            xl = (" (SDXL always encodes from the penultimate layer: 1 and 2 render alike)"
+                  if model.family == "sdxl" else "")
+            raise FieldError(f"clip_skip {task.clip_skip} exceeds the text encoder of model"
+                             f" '{task.model}', which has {layers} layers; use 1 to"
+                             f" {layers}{xl}")
 
     def resolve(self, task: Task, plan: JobPlan) -> Task | None:
         """The task with ``files`` and ``id`` filled in, or None after recording its errors.
@@ -76,6 +109,12 @@ class Preflight:
                 files[label] = self._ref(kind, name)
             except FieldError as exc:
                 self._fail(plan, label, exc)
+                failed = True
+        if "model" in files:
+            try:
+                self._check_clip_skip(task, files["model"])
+            except FieldError as exc:
+                self._fail(plan, "clip_skip", exc)
                 failed = True
         # The task's vae, else the model alias's (the resolver keeps it in the model's extra).
         vae = task.vae or (files["model"].extra.get("vae") if "model" in files else None)
@@ -114,6 +153,60 @@ class Preflight:
         error = JobError(where, path, str(exc))
         if all(str(e) != str(error) for e in mine):
             mine.append(error)
+
+
+def _top_level_where(path: str, key: str, index: int) -> tuple[Location, str]:
+    """Where item ``index`` of the top-level list ``key`` is written (the file is parsed
+    again: only an error needs this, and the file was valid a moment ago)."""
+    try:
+        data = jobfile.load(path)
+    except JobError:
+        return Location(path), key
+    value = data.get(key) if isinstance(data, dict) else None
+    if isinstance(value, list):
+        return jobfile.where(value, index) or Location(path), f"{key}[{index}]"
+    return jobfile.where(data, key) or Location(path), key
+
+
+#: What ``--device`` takes: a torch device type render can render on, and an optional index.
+_DEVICE = re.compile(r"^(cpu|cuda|mps|xpu)(:\d+)?$")
+
+
+def check_device_name(device: str | None) -> None:
+    """``--device`` must name a device (a typo such as ``cudax`` failed after an hour of
+    preflight and loading); no torch needed for this."""
+    if device is not None and not _DEVICE.match(device):
+        raise UserError(f"--device {device!r} names no device; use cpu, cuda, cuda:N (N from"
+                        " 0), mps or xpu, or leave it out to use the best one available")
+
+
+def check_device_available(device: str | None) -> None:
+    """The ``--device`` asked for must exist on this machine: checked once preflight has
+    passed, before a ledger, gallery or model is touched (imports torch)."""
+    if device is None:
+        return
+    import torch
+
+    kind, _, index = device.partition(":")
+    number = int(index) if index else 0
+    if kind == "cpu":
+        return
+    if kind == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        count = 1 if mps is not None and mps.is_available() else 0
+        name = "Apple MPS device"
+    else:
+        backend = getattr(torch, kind, None)
+        available = backend is not None and backend.is_available()
+        count = backend.device_count() if available else 0
+        name = f"{kind.upper()} device"
+    if count == 0:
+        raise UserError(f"--device {device}: this machine has no {name} (torch"
+                        f" {torch.__version__}); use --device cpu or leave --device out")
+    if number >= count:
+        have = ", ".join(f"{kind}:{i}" for i in range(count))
+        raise UserError(f"--device {device}: this machine has {count} {name}"
+                        f"{'s' if count != 1 else ''} ({have})")
 
 
 def plugin_key(task: Task, plugin_name: str | None) -> str:

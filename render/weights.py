@@ -267,6 +267,42 @@ def _folder_info(path: Path) -> CheckpointInfo:
 
 
 
+#: Where a single file keeps its text encoders' layers: CLIP (``...encoder.layers.N.``) and
+#: OpenCLIP (``...transformer.resblocks.N.``) under SD1/SD2 and SDXL's prefixes.
+_TEXT_LAYER = re.compile(
+    r"^((?:cond_stage_model|conditioner\.embedders\.\d+)\..*?(?:layers|resblocks))\.(\d+)\.")
+
+
+def text_encoder_layers(path: str | Path, config: Path | None = None) -> int | None:
+    """The fewest hidden layers among a checkpoint's text encoders: the largest ``clip_skip``
+    it can take (SDXL: both encoders must have them). From ``text_encoder*/config.json`` of
+    the diffusers folder (or, for a single file, of the ``config`` folder it loads with) and
+    from a single file's tensor names; None when neither tells. No torch."""
+    path = Path(path)
+    counts: list[int] = []
+    folder = path if path.is_dir() else config
+    try:
+        if folder is not None and (folder / "model_index.json").is_file():
+            index = _read_json(folder / "model_index.json")
+            for name in sorted(k for k in index if k.startswith("text_encoder")):
+                file = folder / name / "config.json"
+                if (index.get(name) or [None])[0] and file.is_file():
+                    layers = _read_json(file).get("num_hidden_layers")
+                    if isinstance(layers, int) and not isinstance(layers, bool):
+                        counts.append(layers)
+        if path.is_file():
+            deepest: dict[str, int] = {}
+            for key in tensor_shapes(path):
+                match = _TEXT_LAYER.match(key)
+                if match:
+                    prefix, n = match.group(1), int(match.group(2))
+                    deepest[prefix] = max(deepest.get(prefix, 0), n + 1)
+            counts.extend(deepest.values())
+    except (FieldError, OSError):
+        return None
+    return min(counts) if counts else None
+
+
 def detect_family(path: str | Path, kind: str = "checkpoint") -> str | None:
     """"sd1", "sd2" or "sdxl" from tensor shapes or configs, never from names.
 

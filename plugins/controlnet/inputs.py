@@ -48,7 +48,10 @@ def image_ref(models: Any, index: int, unit: Mapping[str, Any]) -> Any:
     image = Path(unit["image"])
     if not image.is_file():
         raise FieldError(f"file not found: {image}", f"{index}.image")
-    return models.file_ref("image", str(image), str(image))
+    try:   # preflight decodes it: a damaged image is an error at its key
+        return models.file_ref("image", str(image), str(image))
+    except FieldError as exc:
+        raise FieldError(exc.message, f"{index}.image") from None
 
 
 # -- identity ---------------------------------------------------------------------------------

@@ -74,8 +74,10 @@ def test_section_forms_normalise_to_te_and_unet_floats(lora: Any) -> None:
 
 @pytest.mark.parametrize(("value", "message", "subkey"), [
     (["a"], "expected a mapping of LoRA name -> weight, e.g. {add_detail: 0.6}, got a list", ""),
-    ({"a": "strong"}, "expected a LoRA weight (or {te: w, unet: w}), got 'strong'", "a"),
-    ({"a": True}, "expected a LoRA weight (or {te: w, unet: w}), got True", "a"),
+    ({"a": "strong"}, "expected a LoRA weight (or {te: w, unet: w}) in [-20.0, 20.0], got"
+     " 'strong'", "a"),
+    ({"a": True}, "expected a LoRA weight (or {te: w, unet: w}) in [-20.0, 20.0], got True",
+     "a"),
     ({"a": {"te": 1}}, "expected both te and unet weights, unet is missing", "a"),
     ({"a": {"te": 1, "clip": 1}}, "expected {te: weight, unet: weight}, got the key 'clip'",
      "a"),
