@@ -77,7 +77,7 @@ CASES: list[tuple[str, str, str, str]] = [
      "image", ""),
     ("model-missing", job("  - name: a\n    prompt: x\n    model: no-such-model\n"),
      "model", ""),
-    ("clip-skip-too-deep", job("  - name: a\n    prompt: x\n    clip_skip: 40\n"),
+    ("clip-skip-too-deep", job("  - name: a\n    prompt: x\n    clip_skip: 5\n"),
      "clip_skip", ""),
     ("depth-without-image", job("  - name: a\n    prompt: x\n    model: tiny-sd2-depth\n"),
      "", ""),
