@@ -76,6 +76,7 @@ from render.api import (
     quiet_logger,
     strip_extra_networks,
     tensor_shapes,
+    walk_models,
 )
 
 KEY = "embeddings"
@@ -149,11 +150,11 @@ def available(models: Any) -> tuple[dict[str, str], re.Pattern[str] | None]:
     if roots not in _DIR_CACHE:
         names: dict[str, str] = {}
         for root in roots:
-            for _dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                for filename in sorted(filenames):
+            # Bounded like the core's model search: a link loop or a link to /proc ends.
+            for _dirpath, _dirnames, filenames in walk_models(Path(root)):
+                for filename in filenames:
                     stem, ext = os.path.splitext(filename)
-                    if ext.lower() in WEIGHT_EXTS and not filename.startswith("."):
+                    if ext.lower() in WEIGHT_EXTS:
                         names.setdefault(stem.lower(), stem)
         _DIR_CACHE[roots] = (names, word_pattern(names.values()))
     return _DIR_CACHE[roots]

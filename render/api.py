@@ -14,6 +14,8 @@ import torch: validation and ``--dry-run`` load every plugin without it.
   ``checkpoint_info``, ``detect_family``) and ``load_state_dict`` (torch's weights-only
   unpickler for pickles); families: ``FAMILY_NAMES``, ``CONTEXT_FAMILY``, ``family_text``.
 - Prompts: ``extra_network_tags`` and ``strip_extra_networks`` (A1111's ``<lora:x:1>`` tags).
+- Folders: ``walk_models`` (``os.walk`` of a model folder, bounded: links followed once,
+  ``/proc``-like and unreadable folders skipped; ``TreeTooBig`` past the limits).
 - Caching and output: ``per_file_version``, ``cache_dir``, ``atomic_write``,
   ``format_number`` (numbers as A1111's infotext writes them), ``quiet_logger``,
   ``shipped_config_source`` (the diffusers configs of SD1.5/SD2/SDXL that render ships).
@@ -37,6 +39,8 @@ from render.hookspecs import hookimpl
 from render.images import load_image
 from render.kinds import ModelKind
 from render.metadata import format_number
+from render.models import TreeTooBig
+from render.models import walk as walk_models
 from render.output import atomic_write
 from render.prompts import extra_network_tags, strip_extra_networks
 from render.runner import RunReport
@@ -72,6 +76,7 @@ __all__ = [
     "Result",
     "RunReport",
     "Task",
+    "TreeTooBig",
     "atomic_write",
     "cache_dir",
     "checkpoint_info",
@@ -95,4 +100,5 @@ __all__ = [
     "shipped_config_source",
     "safetensors_metadata",
     "tensor_shapes",
+    "walk_models",
 ]

@@ -67,8 +67,26 @@ def disk_full(exc: BaseException | None) -> bool:
     return False
 
 
+def dangling_link(path: Path) -> tuple[Path, str] | None:
+    """The first link on the way to ``path`` whose target does not exist, and that target.
+
+    An output folder on a disk that is not mounted tonight is often such a link; resolving it
+    and creating the folders would write the night onto the wrong disk.
+    """
+    probe = Path(os.path.abspath(path))
+    for part in (*reversed(probe.parents), probe):
+        if os.path.islink(part) and not os.path.exists(part):
+            return part, os.readlink(part)
+    return None
+
+
 def check_root(root: Path) -> str | None:
     """Why ``root`` cannot hold a run's output, in one line, or None. Creates nothing."""
+    link = dangling_link(root)
+    if link is not None:
+        return (f"the output folder {root} lies behind the link {link[0]} -> {link[1]}, whose "
+                "target does not exist (a disk that is not mounted?): mount it or change "
+                "output.dir")
     probe = Path(os.path.abspath(root))
     while not os.path.lexists(probe) and probe.parent != probe:
         probe = probe.parent

@@ -152,8 +152,18 @@ class Runner:
         return JobError(where, key, message)
 
     def _check_roots(self, roots: list[Path]) -> None:
-        errors = [self._root_error(root, problem) for root in roots
-                  if (problem := reconcile.check_root(root))]
+        """Every unusable output folder, one located line each. A folder behind a link to
+        nothing (a disk not mounted tonight) is checked as written, before ``resolve()``
+        turned the link into a path that ``mkdir`` would create on the wrong disk."""
+        problems: dict[Path, str | None] = {}
+        for name, job in self.jobs.items():
+            declared = output.output_root(job.output.dir, job.base_dir)
+            if reconcile.dangling_link(declared):
+                problems.setdefault(self.roots[name], reconcile.check_root(declared))
+        for root in roots:
+            problems.setdefault(root, reconcile.check_root(root))
+        errors = [self._root_error(root, problem) for root, problem in problems.items()
+                  if problem]
         if errors:
             raise JobErrors(errors)
 

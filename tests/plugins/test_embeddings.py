@@ -269,3 +269,24 @@ def test_cli_end_to_end_writes_ti_hashes(job: Any, kit: Path, tmp_path: Path) ->
                            ).hexdigest()[:12]
     assert "\nNegative prompt: Tiny-Emb, lowres\n" in text
     assert f'TI hashes: "tiny-emb: {short}"' in text
+
+
+def test_embedding_folders_are_walked_bounded(job: Any, plugins: Any, kit: Path,
+                                             tmp_path: Path) -> None:
+    """Issue 12: an embeddings folder holding a link loop and a link to /proc is listed in
+    bounded time (the core's walker), and the embedding in it is still found."""
+    import shutil
+    import threading
+
+    folder = tmp_path / "models" / "embeddings"
+    folder.mkdir(parents=True)
+    shutil.copy(kit / "embeddings" / "tiny-emb.safetensors", folder / "loop-emb.safetensors")
+    (folder / "loop").symlink_to(folder, target_is_directory=True)
+    (folder / "proc").symlink_to("/proc", target_is_directory=True)
+    path = job('  - name: a\n    prompt: "a loop-emb house"\n', dirs=(tmp_path / "models",))
+    found: list[Task] = []
+    worker = threading.Thread(target=lambda: found.extend(resolve(path, plugins)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "walking the embeddings folder did not end"
+    assert embeddings_of(found[0]) == ["embedding:loop-emb"]

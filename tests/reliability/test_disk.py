@@ -251,6 +251,22 @@ def test_an_unusable_output_folder_is_one_line_before_any_model_loads(tmp_path, 
         assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
+def test_an_output_folder_behind_a_dangling_link_is_refused(tmp_path, kit, capsys):
+    """Issue 12 (seen while reviewing): an output folder linked to a disk that is not mounted
+    (`out -> /mnt/big/renders`, the target gone) was resolved and created, so the night went
+    onto the wrong disk; now one located line, exit 2, and the target is not created."""
+    job = write_job(tmp_path, kit, "  - {name: k, prompt: a barn}\n")
+    target = tmp_path / "unmounted" / "renders"
+    (tmp_path / "out").symlink_to(target, target_is_directory=True)
+    for args in ([str(job)], [str(job), "--dry-run"]):
+        assert main(args) == 2
+        captured = capsys.readouterr()
+        (line,) = captured.err.strip().splitlines()
+        assert line.startswith(f"error: {job}:") and "output.dir: " in line
+        assert "not mounted" in line and str(target) in line
+        assert not (tmp_path / "unmounted").exists()
+
+
 def test_a_read_only_output_folder_is_one_line(tmp_path, kit):
     """Issue 12: a read-only output folder was a PermissionError traceback from the lock."""
     job = write_job(tmp_path, kit, "  - {name: k, prompt: a barn}\n")
