@@ -34,13 +34,13 @@ from render.fields import (
     expect_number,
     expect_str,
 )
+from render.folders import TreeTooBig
+from render.folders import walk as walk_models
 from render.hashing import cache_dir, per_file_version
 from render.hookspecs import hookimpl
 from render.images import load_image
 from render.kinds import ModelKind
 from render.metadata import format_number
-from render.models import TreeTooBig
-from render.models import walk as walk_models
 from render.output import atomic_write
 from render.prompts import extra_network_tags, strip_extra_networks
 from render.runner import RunReport

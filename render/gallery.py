@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import quote
 
 from render.ledger import LedgerRow
-from render.output import atomic_write
+from render.output import atomic_write, is_inside
 
 THUMBS = ".thumbs"
 THUMB_SIZE = 256
@@ -199,7 +199,7 @@ def build_gallery(root: Path, ledger: Any, grid_paths: Mapping[str, list[Path]])
     """
     root = Path(root)
     base = os.path.abspath(root)
-    mine = {job: [p for p in paths if os.path.commonpath([base, os.path.abspath(p)]) == base]
+    mine = {job: [p for p in paths if is_inside(os.path.abspath(p), base)]
             for job, paths in grid_paths.items()}   # sheets of jobs in other output roots
     used: set[Path] = set()
     page = render_html(root, ledger.rows(), ledger.jobs(),

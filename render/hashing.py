@@ -15,28 +15,26 @@ import os
 import sqlite3
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from render import aside
 from render.errors import UserError
+from render.folders import walk
 from render.weights import SAFE_EXTS, WEIGHT_EXTS, header_length, read_safetensors_header
 
 #: Files hashed for a diffusers folder (weights and the configs that also decide pixels).
 _FOLDER_HASH_EXTS = WEIGHT_EXTS + (".json", ".txt")
 
 
-
 _CHUNK = 1024 * 1024
-
 
 
 def cache_dir() -> Path:
     """``$RENDER_CACHE_DIR`` or ``~/.cache/render``: hash cache, materialised configs."""
     env = os.environ.get("RENDER_CACHE_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "render"
-
 
 
 # -- hashing --------------------------------------------------------------------------------
@@ -94,18 +92,13 @@ class HashCache:
 
     def _set_aside(self, exc: Exception) -> bool:
         """Move a damaged cache file aside (kept, never deleted) so a new one can start."""
-        stamp = f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
-        aside = self.path.with_name(stamp)
-        n = 1
-        while aside.exists():   # never overwrite an earlier one
-            aside, n = self.path.with_name(f"{stamp}-{n}"), n + 1
         try:
-            os.replace(self.path, aside)
+            moved = aside.move_aside(self.path, "corrupt")
         except FileNotFoundError:
             return True     # another run set it aside a moment ago
         except OSError:
             return False
-        print(f"warning: hash cache {self.path} was damaged ({exc}); moved it to {aside.name}"
+        print(f"warning: hash cache {self.path} was damaged ({exc}); moved it to {moved.name}"
               " and started a new one (hashes are computed again)", file=sys.stderr)
         return True
 
@@ -146,9 +139,8 @@ def default_hash_cache() -> HashCache:
     return _default_cache
 
 
-
-def _sha256_stream(path: Path, start: int = 0) -> str:
-    digest = hashlib.sha256()
+def stream_digest(path: Path | str, digest: Any, start: int = 0) -> str:
+    """``digest`` (a hashlib object) fed the file's bytes from ``start``, 1 MiB at a time."""
     with open(path, "rb") as fh:
         fh.seek(start)
         for chunk in iter(lambda: fh.read(_CHUNK), b""):
@@ -156,11 +148,9 @@ def _sha256_stream(path: Path, start: int = 0) -> str:
     return digest.hexdigest()
 
 
-
 def sha256_file(path: Path) -> str:
     """Full sha256 of a file's bytes (what ``sha256sum`` and A1111 print)."""
-    return _sha256_stream(Path(path))
-
+    return stream_digest(path, hashlib.sha256())
 
 
 def addnet_hash(path: Path) -> str:
@@ -169,8 +159,7 @@ def addnet_hash(path: Path) -> str:
     A1111 uses it as a LoRA's hash, so it survives edits of the metadata.
     """
     n = header_length(Path(path))
-    return _sha256_stream(Path(path), 8 + n)
-
+    return stream_digest(path, hashlib.sha256(), 8 + n)
 
 
 def file_sha256(path: str | Path, cache: HashCache | None = None) -> str:
@@ -185,29 +174,19 @@ def file_sha256(path: str | Path, cache: HashCache | None = None) -> str:
     return cache.get(path, "sha256", sha256_file)
 
 
-
 def folder_files(folder: Path) -> list[tuple[str, Path]]:
     """Weight and config files under a diffusers folder, sorted by relative path."""
     out = []
-    seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:   # a symlink loop (or a second link to one folder) ends here
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    for dirpath, _dirnames, filenames in walk(folder):   # links once: a loop ends
         for name in filenames:
-            if name.startswith(".") or not name.lower().endswith(_FOLDER_HASH_EXTS):
+            if not name.lower().endswith(_FOLDER_HASH_EXTS):
                 continue
             file = Path(dirpath) / name
             out.append((file.relative_to(folder).as_posix(), file))
     return sorted(out)
 
 
-
 #: The name other modules use for :func:`file_sha256`.
-
 
 
 def lora_hash(path: str | Path, cache: HashCache | None = None) -> str:
@@ -218,7 +197,6 @@ def lora_hash(path: str | Path, cache: HashCache | None = None) -> str:
     first 12 characters.
     """
     return lora_full_hash(path, cache)[:12]
-
 
 
 def lora_full_hash(path: str | Path, cache: HashCache | None = None) -> str:
@@ -233,9 +211,7 @@ def lora_full_hash(path: str | Path, cache: HashCache | None = None) -> str:
     return file_sha256(path, cache)
 
 
-
 _Info = TypeVar("_Info")
-
 
 
 def per_file_version(inspect: Callable[[Path], _Info]) -> Callable[[Path], _Info]:

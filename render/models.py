@@ -33,12 +33,13 @@ import difflib
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from render.errors import FieldError
+from render.folders import TreeTooBig, virtual_fs, walk
 from render.hashing import (
     HashCache,
     file_sha256,
@@ -97,76 +98,6 @@ def _is_model_dir(path: Path) -> bool:
         return (path / "model_index.json").is_file() or (path / "config.json").is_file()
     except OSError:   # a folder we may not look into (``/proc/1/fdinfo``): not a model
         return False
-
-
-#: A model_dirs entry is searched recursively, as A1111 does (not into model folders); past
-#: this many folders or files it is no models folder (``/``, a home directory), and render
-#: says so instead of walking it for minutes.
-MAX_SCAN_FOLDERS = 5_000
-MAX_SCAN_FILES = 100_000
-
-#: Filesystem types that hold no files of their own: never searched (``/proc`` is endless).
-VIRTUAL_FS = frozenset({
-    "autofs", "binfmt_misc", "bpf", "cgroup", "cgroup2", "configfs", "debugfs", "devpts",
-    "devtmpfs", "efivarfs", "fusectl", "hugetlbfs", "mqueue", "nsfs", "proc", "pstore",
-    "rpc_pipefs", "securityfs", "selinuxfs", "sysfs", "tracefs",
-})
-
-
-class TreeTooBig(Exception):
-    """A folder holds more than :data:`MAX_SCAN_FOLDERS` folders or
-    :data:`MAX_SCAN_FILES` files."""
-
-
-def virtual_roots() -> dict[str, str]:
-    """Mount point -> type of every virtual filesystem (from ``/proc/self/mounts`` where
-    there is one; ``/proc``, ``/sys`` and ``/dev`` always)."""
-    global _virtual
-    if _virtual is None:
-        found = {"/proc": "proc", "/sys": "sysfs", "/dev": "devtmpfs"}
-        try:
-            with open("/proc/self/mounts", encoding="utf-8", errors="replace") as fh:
-                for line in fh:
-                    parts = line.split()
-                    if len(parts) >= 3 and parts[2] in VIRTUAL_FS:
-                        point = parts[1].encode().decode("unicode_escape")  # \040 = space
-                        found.setdefault(point, parts[2])
-        except OSError:
-            pass
-        _virtual = found
-    return _virtual
-
-
-_virtual: dict[str, str] | None = None
-
-
-def virtual_fs(path: str | Path) -> str | None:
-    """The virtual filesystem type ``path`` lies in, or None for a real folder."""
-    real = os.path.realpath(path)
-    for point, fstype in virtual_roots().items():
-        if real == point or real.startswith(point.rstrip("/") + "/"):
-            return fstype
-    return None
-
-
-def walk(root: Path) -> Iterator[tuple[str, list[str], list[str]]]:
-    """``os.walk(root)`` following links once each (a loop ends), skipping hidden folders,
-    virtual filesystems and folders it cannot read; prune by editing the yielded dirnames.
-    Raises :class:`TreeTooBig` past :data:`MAX_SCAN_FOLDERS` folders or
-    :data:`MAX_SCAN_FILES` files (counted before any pruning)."""
-    seen: set[str] = set()
-    files = 0
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen or virtual_fs(real):
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        files += len(filenames)
-        if len(seen) > MAX_SCAN_FOLDERS or files > MAX_SCAN_FILES:
-            raise TreeTooBig(str(root))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        yield dirpath, dirnames, sorted(f for f in filenames if not f.startswith("."))
 
 
 def _listing(root: Path) -> list[_Entry]:
@@ -271,9 +202,8 @@ class ModelResolver:
             return f"cannot read {d}: {exc.strerror or exc}"
         try:
             self._listing(d)
-        except TreeTooBig:
-            return (f"{d} holds more than {MAX_SCAN_FOLDERS:,} folders or {MAX_SCAN_FILES:,}"
-                    " files; render searches each model_dirs entry recursively (as A1111"
+        except TreeTooBig as exc:
+            return (f"{exc}; render searches each model_dirs entry recursively (as A1111"
                     " does), so name the folder that holds your models, e.g."
                     " ~/stable-diffusion-webui/models")
         return None
@@ -310,10 +240,9 @@ class ModelResolver:
     def _entries(self, root: Path, extensions: tuple[str, ...]) -> list[_Entry]:
         try:
             listing = self._listing(root)
-        except TreeTooBig:
-            raise FieldError(f"{root} holds more than {MAX_SCAN_FOLDERS:,} folders or"
-                             f" {MAX_SCAN_FILES:,} files, too many to search for models; keep"
-                             " your models in a folder of their own") from None
+        except TreeTooBig as exc:
+            raise FieldError(f"{exc}, too many to search for models; keep your models in a"
+                             " folder of their own") from None
         return [e for e in listing if e.is_dir or e.rel.lower().endswith(extensions)]
 
     # aliases ------------------------------------------------------------------------------
@@ -435,10 +364,8 @@ class ModelResolver:
             return
         try:
             pickles = pickle_files(path)
-        except TreeTooBig:
-            raise FieldError(f"{kind} '{name}': {path} holds more than {MAX_SCAN_FOLDERS:,}"
-                             f" folders or {MAX_SCAN_FILES:,} files; that is no model folder"
-                             ) from None
+        except TreeTooBig as exc:
+            raise FieldError(f"{kind} '{name}': {exc}; that is no model folder") from None
         if not pickles:
             return
         shown = pickles[0] if path.is_dir() else path

@@ -380,7 +380,7 @@ def output_path(task: Task, job: Job, root: Path, *, now: datetime | None = None
 def _assert_inside(path: Path, root: Path) -> None:
     root_s = os.path.normpath(os.path.abspath(root))
     path_s = os.path.normpath(os.path.abspath(path))
-    if os.path.commonpath([root_s, path_s]) != root_s or path_s == root_s:
+    if not is_inside(path_s, root_s) or path_s == root_s:
         raise ValueError(f"output path {path} is not inside the output root {root}")
 
 
@@ -477,11 +477,12 @@ def temp_registry(root: Path, registry: TempRegistry) -> Iterator[None]:
             _registries.pop(key, None)
 
 
-def _inside(path: str, root: str) -> bool:
+def is_inside(path: str, root: str) -> bool:
+    """Whether the normalised absolute ``path`` is ``root`` or lies below it."""
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def _existing(folder: Path) -> Path:
+def existing_ancestor(folder: Path) -> Path:
     """``folder`` or its nearest ancestor that exists (what ``mkdir`` would build on)."""
     folder = Path(os.path.abspath(folder))
     while not os.path.lexists(folder) and folder.parent != folder:
@@ -496,7 +497,7 @@ def check_inside(folder: Path, root: Path) -> None:
     leads elsewhere is refused before any folder is made through it.
     """
     real_root = os.path.realpath(root)
-    if not _inside(os.path.realpath(_existing(folder)), real_root):
+    if not is_inside(os.path.realpath(existing_ancestor(folder)), real_root):
         raise OutputRefused(f"{folder} leads outside the output folder {root} (a symlink?): "
                             "nothing written; remove the link or change output.dir")
 
@@ -504,11 +505,11 @@ def check_inside(folder: Path, root: Path) -> None:
 def _registered_root(path: Path) -> tuple[str, TempRegistry] | None:
     """The running run's output root that ``path`` lies under (lexically or really)."""
     lexical = os.path.abspath(path.parent)
-    real = os.path.realpath(_existing(path.parent))
+    real = os.path.realpath(existing_ancestor(path.parent))
     with _registries_lock:
         roots = sorted(_registries.items(), key=lambda item: len(item[0]), reverse=True)
     for root, registry in roots:
-        if _inside(lexical, root) or _inside(real, root):
+        if is_inside(lexical, root) or is_inside(real, root):
             return root, registry
     return None
 
@@ -584,7 +585,7 @@ def remove_stale_temps(root: Path, registry: TempRegistry) -> int:
     for path, pid, ticks in registry.temps():
         if pid_alive(pid, ticks):
             continue
-        if TEMP_RE.match(path.name) and _inside(os.path.realpath(path.parent), real_root):
+        if TEMP_RE.match(path.name) and is_inside(os.path.realpath(path.parent), real_root):
             with contextlib.suppress(OSError):
                 if stat.S_ISREG(os.lstat(path).st_mode):
                     os.unlink(path)

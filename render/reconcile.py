@@ -25,11 +25,10 @@ import stat
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from render import metadata
+from render import aside, metadata
 from render.ledger import (
     DB_NAME,
     LOCK_NAME,
@@ -39,7 +38,7 @@ from render.ledger import (
     LedgerCorrupt,
     file_identity,
 )
-from render.output import OutputRefused
+from render.output import OutputRefused, existing_ancestor
 from render.tasks import Task, task_from_json
 
 #: PNG text key of the marker on extra outputs (``-control-0.png``): which task made them.
@@ -87,9 +86,7 @@ def check_root(root: Path) -> str | None:
         return (f"the output folder {root} lies behind the link {link[0]} -> {link[1]}, whose "
                 "target does not exist (a disk that is not mounted?): mount it or change "
                 "output.dir")
-    probe = Path(os.path.abspath(root))
-    while not os.path.lexists(probe) and probe.parent != probe:
-        probe = probe.parent
+    probe = existing_ancestor(root)
     if not probe.is_dir():
         if probe == Path(os.path.abspath(root)):
             return (f"the output folder {root} is a file, not a folder: move it away or "
@@ -249,10 +246,7 @@ def reconcile(ledger: Ledger, planned: Iterable[tuple[Task, Path]]) -> Reconcile
         prov = read_provenance(path, whole=True)
         if names_task(prov, key, main=True):
             assert prov is not None
-            timings = prov.get("timings")
-            infotext = prov.get("infotext")
-            ledger.record_done(task, [path], timings if isinstance(timings, dict) else {},
-                               infotext if isinstance(infotext, str) else None)
+            _record_found(ledger, task, [path], prov)
             check.done.add(key)
             recorded.add(path)
             adopted.append(path)
@@ -279,18 +273,7 @@ def open_ledger(root: Path) -> tuple[Ledger, LedgerCorrupt | None, Path | None]:
 
 def set_aside(root: Path) -> Path:
     """Rename ``render.db`` (and ``-wal``, ``-shm``) to ``<name>.corrupt-<time>``."""
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    tail = ""
-    for n in range(1, 1000):
-        if not any(os.path.lexists(root / f"{DB_NAME}{s}.corrupt-{stamp}{tail}")
-                   for s in ("", "-wal", "-shm")):
-            break
-        tail = f"-{n}"
-    for suffix in ("-wal", "-shm", ""):   # the journals first: never a journal without its db
-        source = root / f"{DB_NAME}{suffix}"
-        if os.path.lexists(source):
-            os.rename(source, root / f"{DB_NAME}{suffix}.corrupt-{stamp}{tail}")
-    return root / f"{DB_NAME}.corrupt-{stamp}{tail}"
+    return aside.move_aside(root / DB_NAME, "corrupt", companions=("-wal", "-shm"))
 
 
 def rebuild(ledger: Ledger, root: Path) -> int:
@@ -327,12 +310,18 @@ def rebuild(ledger: Ledger, root: Path) -> int:
                     continue
                 mains[key] = (task, path, prov)
     for key, (task, path, prov) in mains.items():
-        timings = prov.get("timings")
-        infotext = prov.get("infotext")
-        ledger.record_done(task, [path, *extras.get(key, [])],
-                           timings if isinstance(timings, dict) else {},
-                           infotext if isinstance(infotext, str) else None)
+        _record_found(ledger, task, [path, *extras.get(key, [])], prov)
     return len(mains)
+
+
+def _record_found(ledger: Ledger, task: Task, paths: list[Path],
+                  prov: Mapping[str, Any]) -> None:
+    """Record files found on disk as ``task``'s, done, with the timings and infotext its
+    provenance carries (anything malformed there is left out, never trusted)."""
+    timings = prov.get("timings")
+    infotext = prov.get("infotext")
+    ledger.record_done(task, paths, timings if isinstance(timings, dict) else {},
+                       infotext if isinstance(infotext, str) else None)
 
 
 # -- before a new file takes a final name --------------------------------------------------------
@@ -371,10 +360,8 @@ def claim_target(ledger: Ledger, path: Path, key: Key) -> Path | None:
 
 def move_aside(path: Path) -> Path:
     """Rename ``path`` to an unused ``<stem>.changed-<time><suffix>`` beside it."""
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    for n in range(1000):
-        target = path.with_name(f"{path.stem}.changed-{stamp}{f'-{n}' if n else ''}{path.suffix}")
-        if not os.path.lexists(target):
-            os.rename(path, target)
-            return target
-    raise OutputRefused(f"{path}: cannot move the changed file aside (1000 copies exist)")
+    try:
+        return aside.move_aside(path, "changed", keep_suffix=True)
+    except FileExistsError:
+        raise OutputRefused(f"{path}: cannot move the changed file aside "
+                            f"({aside.MAX_COPIES} copies exist)") from None

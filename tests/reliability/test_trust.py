@@ -598,14 +598,14 @@ def test_a_model_dirs_entry_that_cannot_be_searched_is_one_line_at_its_line(
     """Issue 12: an unusable model_dirs entry (a file, /proc, a tree like / or ~ that is no
     models folder, a folder render may not read) was skipped silently or walked for minutes;
     now it is one line at its own line in the job file."""
-    from render import models as models_module
+    from render import folders
 
     target = {"file": tmp_path / "notes.txt", "proc": Path("/proc"),
               "too-big": tmp_path / "home", "unreadable": tmp_path / "locked"}[entry]
     if entry == "file":
         target.write_text("not a folder")
     elif entry == "too-big":
-        monkeypatch.setattr(models_module, "MAX_SCAN_FOLDERS", 30)
+        monkeypatch.setattr(folders, "MAX_SCAN_FOLDERS", 30)
         for i in range(40):
             (target / f"d{i}").mkdir(parents=True)
     elif entry == "unreadable":
