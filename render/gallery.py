@@ -31,6 +31,11 @@ FALLBACK_INDEX = "render-gallery.html"
 GENERATOR = "render gallery"
 _PAGE_MARK = f'<meta name="generator" content="{GENERATOR}">'
 _THUMB_MARK = f"{GENERATOR} thumbnail".encode()
+#: How every page began before pages carried the mark (render before issue 12): such a page
+#: is ours too, so an upgrade keeps updating the same ``index.html``.
+_LEGACY_PAGE_HEAD = (b'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">\n'
+                     b"<title>render: ")
+_LEGACY_PAGE_CSS = b"body{font-family:system-ui,sans-serif;margin:1.5em;background:#fafafa;"
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;background:#fafafa;color:#222}
@@ -75,7 +80,7 @@ def thumbnail(source: Path, root: Path, *, size: int = THUMB_SIZE) -> Path | Non
     except OSError:
         pass
     else:
-        if not _our_thumbnail(thumb):
+        if not _our_thumbnail(thumb, unmarked=True):
             return None   # a file of the same name that we did not make: left alone
     try:
         with Image.open(source) as im:
@@ -89,13 +94,17 @@ def thumbnail(source: Path, root: Path, *, size: int = THUMB_SIZE) -> Path | Non
     return thumb
 
 
-def _our_thumbnail(path: Path) -> bool:
-    """Whether ``path`` is a thumbnail this program made (its JPEG comment says so)."""
+def _our_thumbnail(path: Path, *, unmarked: bool = False) -> bool:
+    """Whether ``path`` is a thumbnail this program made: its JPEG comment says so, or
+    (``unmarked``, for the name derived from one of our images) a JPEG with no comment, as
+    thumbnails were written before they carried the mark."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return im.format == "JPEG" and im.info.get("comment") == _THUMB_MARK
+            comment = im.info.get("comment")
+            return im.format == "JPEG" and (comment == _THUMB_MARK
+                                            or (unmarked and not comment))
     except (OSError, ValueError, Image.DecompressionBombError):
         return False
 
@@ -109,7 +118,8 @@ def _our_page(path: Path) -> bool:
         return True
     except OSError:
         return False
-    return path.is_file() and _PAGE_MARK.encode() in head
+    return path.is_file() and (_PAGE_MARK.encode() in head
+                               or (head.startswith(_LEGACY_PAGE_HEAD) and _LEGACY_PAGE_CSS in head))
 
 
 def _figure(row: LedgerRow, root: Path, used: set[Path]) -> str:

@@ -131,3 +131,28 @@ def test_temp_and_hidden_files_never_appear(tmp_path: Path) -> None:
     page = build_gallery(ledger.root, ledger, {}).read_text(encoding="utf-8")
     ledger.close()
     assert ".tmp-" not in page
+
+
+def test_pages_and_thumbnails_of_earlier_versions_are_still_ours(tmp_path: Path) -> None:
+    """Issue 12 (found reviewing): pages and thumbnails written before they carried the
+    mark are recognised by how render wrote them, so an upgrade keeps updating index.html
+    instead of leaving it stale and starting render-gallery.html."""
+    import os
+
+    ledger, images, _ = fill(tmp_path)
+    root = ledger.root
+    (root / "index.html").write_text(
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">\n'
+        "<title>render: out</title><style>\n"
+        "body{font-family:system-ui,sans-serif;margin:1.5em;background:#fafafa;color:#222}\n"
+        "</style></head><body><h1>out</h1></body></html>\n")
+    old = thumbnail(images[0], root)
+    assert old is not None
+    Image.new("RGB", (8, 8)).save(old, format="JPEG")          # unmarked, as before
+    os.utime(old, (1, 1))                                       # older than its image
+    assert build_gallery(root, ledger, {}) == root / "index.html"
+    assert 'content="render gallery"' in (root / "index.html").read_text()
+    assert not (root / "render-gallery.html").exists()
+    with Image.open(old) as im:
+        assert im.info.get("comment") == b"render gallery thumbnail" and im.size != (8, 8)
+    ledger.close()
