@@ -7,11 +7,14 @@ import torch: validation and ``--dry-run`` load every plugin without it.
 - ``hookimpl``: decorate hook functions (the hooks are documented in ``render.hookspecs``).
 - Values that flow between stages: ``Task``, ``FileRef``, ``Batch``, ``Result``,
   ``RunReport``; ``DEFAULT_STRENGTH`` (A1111's 0.75) and ``load_image`` (inputs at a size).
-- Job-file keys: ``FieldError``, ``FieldContext`` and the ``expect_*`` validators;
+- Job-file keys: ``FieldError``, ``FieldContext`` and the ``expect_*`` validators
+  (``expect_sampler``: an A1111 sampler name -> ``(sampler, schedule or None)``;
+  ``expect_schedule``: an A1111 schedule type, e.g. ``Karras``);
   ``FieldErrors`` / ``raise_all`` report several problems of one task at once.
 - Model files: ``ModelKind`` (for ``register_model_kinds``), ``WEIGHT_EXTS``, ``PICKLE_EXTS``,
   the readers that need no torch (``tensor_shapes``, ``safetensors_metadata``,
-  ``checkpoint_info``, ``detect_family``) and ``load_state_dict`` (torch's weights-only
+  ``checkpoint_info``, ``detect_family``, ``inert_pickle``: a pickle's contents as shapes,
+  and the foreign globals it names) and ``load_state_dict`` (torch's weights-only
   unpickler for pickles); families: ``FAMILY_NAMES``, ``CONTEXT_FAMILY``, ``family_text``.
 - Prompts: ``extra_network_tags`` and ``strip_extra_networks`` (A1111's ``<lora:x:1>`` tags).
 - Folders: ``walk_models`` (``os.walk`` of a model folder, bounded: links followed once,
@@ -34,6 +37,8 @@ from render.fields import (
     expect_number,
     expect_str,
 )
+from render.fields import validate_sampler as expect_sampler
+from render.fields import validate_schedule as expect_schedule
 from render.folders import TreeTooBig
 from render.folders import walk as walk_models
 from render.hashing import cache_dir, per_file_version
@@ -54,6 +59,7 @@ from render.weights import (
     checkpoint_info,
     detect_family,
     family_text,
+    inert_pickle,
     load_state_dict,
     quiet_logger,
     safetensors_metadata,
@@ -89,9 +95,12 @@ __all__ = [
     "expect_file",
     "expect_int",
     "expect_number",
+    "expect_sampler",
+    "expect_schedule",
     "expect_str",
     "format_number",
     "hookimpl",
+    "inert_pickle",
     "load_image",
     "load_state_dict",
     "per_file_version",

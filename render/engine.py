@@ -230,6 +230,7 @@ class Engine:
         self.loads: dict[str, int] = {}          # model path -> times loaded (tests, stats)
         self._vaes: dict[tuple[str, str], Any] = {}
         self._limits: dict[tuple[Any, ...], int] = {}  # batch sizes that fit after an OOM
+        self.renderer = Renderer(self.device, self.torch_dtype, engine=self)
 
     # -- provenance ------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -265,13 +266,17 @@ class Engine:
             raise RuntimeError(f"task {task.short_id} reached the engine without preflight")
         return ref
 
-    def resident(self, ref: FileRef) -> Resident:
-        """The base pipeline of ``ref``, loading it (and evicting the oldest) if needed."""
+    def resident(self, ref: FileRef, *, room: int = 0) -> Resident:
+        """The base pipeline of ``ref``, loading it (and evicting the oldest) if needed.
+
+        ``room`` more models may stay loaded besides the usual ``max_resident``: a second
+        pass on another checkpoint keeps the first pass's model.
+        """
         key = ref.path
         if key in self.residents:
             self.residents.move_to_end(key)
             return self.residents[key]
-        while len(self.residents) >= self.max_resident:
+        while len(self.residents) >= self.max_resident + room:
             _, old = self.residents.popitem(last=False)
             del old
             self._free()
@@ -428,6 +433,24 @@ class Engine:
                 res.views.pop(next(iter(res.views)))
         return res.views[key]
 
+    def second_pass_pipeline(self, res: Resident) -> Any:
+        """The plain img2img view of ``res`` (no plugin's pipeline or components): the
+        pipeline a second pass (hires fix) renders with."""
+        import diffusers
+
+        if res.in_channels not in (4, 5):
+            raise UserError(f"model '{res.ref.name}' has a {res.in_channels}-channel UNet (an "
+                            "inpainting model): it cannot render a second img2img pass")
+        name = ("StableDiffusionDepth2ImgPipeline" if res.in_channels == 5
+                else DEFAULT_PIPELINES[res.family]["img2img"])
+        key = ("second pass", name)
+        if key not in res.views:
+            with quiet_logger("diffusers.models.modeling_utils"):
+                view = getattr(diffusers, name).from_pipe(res.pipe, **_dtype_kw(self.torch_dtype))
+            view.set_progress_bar_config(disable=True)
+            res.views[key] = view
+        return res.views[key]
+
     # -- batch sizes -----------------------------------------------------------------------
     def batch_size_for(self, task: Task) -> int:
         """How many images of this task's size to render per call (``--batch-size 0``).
@@ -508,16 +531,18 @@ class Engine:
             raise UserError(str(exc)) from exc
 
     def _render_finite(
-        self, res: Resident, pipe: Any, tasks: list[Task], notes: list[str]
+        self, res: Resident, pipe: Any, tasks: list[Task], notes: list[str],
+        inits: list[Any] | None = None,
     ) -> list[tuple[list[Any], dict[str, float], list[str]]]:
         """Render; an image with NaN/inf pixels (saved, it would be black) is rendered again
         with the VAE decoding in float32 (the half-precision SD1.5/SDXL VAE overflows on some
         latents, a known case), and still non-finite, fails its batch with a clear message."""
-        out = self._render_fitting(res, pipe, tasks, notes)
+        out = self._render_fitting(res, pipe, tasks, notes, inits)
         bad = [k for k, (images, _, _) in enumerate(out) if not _finite(images)]
         if bad and _dtype_name(pipe.vae) != "float32":
             with _float32_decode(pipe.vae):
-                again = self._render_fitting(res, pipe, [tasks[k] for k in bad], notes)
+                again = self._render_fitting(res, pipe, [tasks[k] for k in bad], notes,
+                                             [inits[k] for k in bad] if inits else None)
             for k, (images, timing, call_notes) in zip(bad, again, strict=True):
                 out[k] = (images, timing, [*call_notes, "VAE decoded in float32 after NaN"])
             bad = [k for k, (images, _, _) in enumerate(out) if not _finite(images)]
@@ -531,12 +556,13 @@ class Engine:
                 for images, timing, call_notes in out]
 
     def _render_fitting(
-        self, res: Resident, pipe: Any, tasks: list[Task], notes: list[str]
+        self, res: Resident, pipe: Any, tasks: list[Task], notes: list[str],
+        inits: list[Any] | None = None,
     ) -> list[tuple[list[Any], dict[str, float], list[str]]]:
         """Call the pipeline; on OOM split in halves, then turn on memory savers."""
         while True:
             try:
-                return self._call(res, pipe, tasks)
+                return self._call(res, pipe, tasks, inits)
             except Exception as exc:
                 if not is_oom(exc):
                     raise
@@ -550,8 +576,10 @@ class Engine:
                 key = self._limit_key(tasks[0])
                 self._limits[key] = min(self._limits.get(key, half), half)
                 notes.append(f"batch split {len(tasks)}->{half} after out of memory")
-                return (self._render_fitting(res, pipe, tasks[:half], notes)
-                        + self._render_fitting(res, pipe, tasks[half:], notes))
+                return (self._render_fitting(res, pipe, tasks[:half], notes,
+                                             inits[:half] if inits else None)
+                        + self._render_fitting(res, pipe, tasks[half:], notes,
+                                               inits[half:] if inits else None))
             step = next((s for s in MEMORY_STEPS if s not in res.memory), None)
             if step is None:
                 raise UserError(
@@ -574,8 +602,10 @@ class Engine:
             (vae.enable_tiling if "vae tiling" in res.memory else vae.disable_tiling)()
 
     def _call(
-        self, res: Resident, pipe: Any, tasks: list[Task]
+        self, res: Resident, pipe: Any, tasks: list[Task], inits: list[Any] | None = None
     ) -> list[tuple[list[Any], dict[str, float], list[str]]]:
+        """One pipeline call. ``inits``: an init image (PIL) or latent (1x4xhxw tensor) per
+        task, in memory, instead of the tasks' ``image`` files (a second pass)."""
         import torch
 
         from render.prompts import encode_schedules
@@ -587,8 +617,9 @@ class Engine:
         prompts = [strip_extra_networks(t.prompt) for t in tasks]
         negatives = [strip_extra_networks(t.negative) for t in tasks]
         with torch.no_grad():
-            conditioning = encode_schedules(pipe, prompts, negatives, steps=loop_steps(pipe, first),
-                                            clip_skip=first.clip_skip)
+            conditioning = encode_schedules(
+                pipe, prompts, negatives, steps=loop_steps(pipe, first, init=inits is not None),
+                clip_skip=first.clip_skip)
         encoded = time.perf_counter()
         gen_device = "cpu" if self.device in ("cpu", "mps") else self.device
         kwargs: dict[str, Any] = {
@@ -601,9 +632,11 @@ class Engine:
         }
         if "height" in params:
             kwargs.update(height=first.height, width=first.width)
-        if first.image:
+        if inits is not None:
+            kwargs["image"] = (torch.cat(inits) if _is_tensor(inits[0]) else list(inits))
+        elif first.image:
             kwargs["image"] = [load_image(t.image, t.width, t.height, "RGB") for t in tasks]
-        strength = _call_strength(first, params)
+        strength = _call_strength(first, params, init=inits is not None)
         if strength is not None:
             kwargs["strength"] = strength
         if first.mask:
@@ -652,13 +685,7 @@ class Engine:
 
     # -- memory ----------------------------------------------------------------------------
     def _free(self) -> None:
-        import torch
-
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if self.device == "mps" and hasattr(torch, "mps"):
-            torch.mps.empty_cache()
+        _free_memory(self.device)
 
     def close(self) -> None:
         """Drop every pipeline, VAE and component, and return the memory."""
@@ -668,7 +695,90 @@ class Engine:
         self._free()
 
 
+class Renderer:
+    """What the ``postprocess`` hook may use of the engine (its ``renderer`` argument).
+
+    - ``device`` and ``dtype`` (a torch dtype): where and how the engine computes.
+    - ``components``: the engine's :class:`ComponentCache` (an upscaler model is loaded once
+      per process and stays on the device while batches use it).
+    - ``is_oom(exc)`` and ``free()``: to shrink and retry a step that ran out of memory.
+    - ``img2img`` and ``encode``: further diffusion passes on the resident models (a hires
+      fix's second pass), with the engine's OOM splitting, NaN retry and prompt editing.
+
+    ``Renderer("cpu", torch.float32)`` without an engine serves plugins that only compute
+    (an upscaler in a unit test); the passes then raise.
+    """
+
+    def __init__(self, device: str, dtype: Any, *, engine: Engine | None = None) -> None:
+        self.device = device
+        self.dtype = dtype
+        self._engine = engine
+        self.components = engine.components if engine else ComponentCache(device, dtype)
+
+    @staticmethod
+    def is_oom(exc: BaseException) -> bool:
+        return is_oom(exc)
+
+    def free(self) -> None:
+        """Collect garbage and return cached device memory (after an OOM)."""
+        _free_memory(self.device)
+
+    def _second_pass(self, task: Task, model: FileRef | None) -> tuple[Resident, Any]:
+        engine = self._engine
+        if engine is None:
+            raise RuntimeError("this renderer has no engine: it cannot run diffusion passes")
+        first = engine._model_ref(task)
+        ref = model or first
+        res = engine.resident(ref, room=0 if ref.path == first.path else 1)
+        pipe = engine.second_pass_pipeline(res)
+        pipe.vae = engine.vae_for(res, task.files.get("vae"))
+        return res, pipe
+
+    def encode(self, images: Sequence[Any], task: Task, *, model: FileRef | None = None) -> Any:
+        """The latents (scaled, as the UNet sees them) of PIL ``images`` under the VAE the
+        second pass of ``task`` on ``model`` (default: the task's) decodes with."""
+        import torch
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import (
+            retrieve_latents,
+        )
+
+        _, pipe = self._second_pass(task, model)
+        vae = pipe.vae
+        pixels = pipe.image_processor.preprocess(list(images)).to(self.device, vae.dtype)
+        with torch.no_grad():
+            latents = retrieve_latents(vae.encode(pixels), sample_mode="argmax")
+        return latents * vae.config.scaling_factor
+
+    def img2img(self, task: Task, inits: Sequence[Any], *,
+                model: FileRef | None = None) -> tuple[list[Any], list[str]]:
+        """Render ``task`` (its prompt, negative, steps, sampler, cfg, strength, seed) as
+        img2img from ``inits`` (PIL images or 1x4xhxw latents, one image out per init) on
+        ``model`` (default: the task's checkpoint; another one is loaded beside it).
+
+        Plugins configure the pass as a batch of ``task`` (``configure_pipeline``: LoRA
+        weights), so the task's networks act in it too. Returns the images and the notes.
+        """
+        engine = self._engine
+        res, pipe = self._second_pass(task, model)
+        pipe.scheduler = engine._scheduler(task, res)
+        engine.pm.hook.configure_pipeline(pipe=pipe, batch=Batch(("second pass",), (task,)))
+        notes: list[str] = []
+        out = engine._render_finite(res, pipe, [task] * len(inits), notes, list(inits))
+        images = [image for images, _, _ in out for image in images]
+        return images, list(dict.fromkeys([*notes, *(n for _, _, ns in out for n in ns)]))
+
+
 # -- helpers --------------------------------------------------------------------------------
+def _free_memory(device: str) -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if device == "mps" and hasattr(torch, "mps"):
+        torch.mps.empty_cache()
+
+
 def _pick_device(device: str | None) -> str:
     import torch
 
@@ -740,14 +850,15 @@ def _call_params(pipe: Any) -> set[str]:
     return set(inspect.signature(pipe.__call__).parameters)
 
 
-def _call_strength(task: Task, params: set[str]) -> float | None:
-    """The ``strength`` the engine passes for ``task``: img2img-style pipelines only."""
-    if not task.image or "strength" not in params:
+def _call_strength(task: Task, params: set[str], *, init: bool = False) -> float | None:
+    """The ``strength`` the engine passes for ``task``: img2img-style pipelines only
+    (``init``: the init image is given in memory, not as the task's ``image``)."""
+    if not (task.image or init) or "strength" not in params:
         return None
     return DEFAULT_STRENGTH if task.strength is None else task.strength
 
 
-def loop_steps(pipe: Any, task: Task) -> int:
+def loop_steps(pipe: Any, task: Task, *, init: bool = False) -> int:
     """How many denoising steps ``pipe`` will run for ``task``: what prompt editing counts.
 
     diffusers' loop runs one step per timestep: ``steps`` for most samplers, one more for
@@ -758,7 +869,7 @@ def loop_steps(pipe: Any, task: Task) -> int:
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     scheduler.set_timesteps(task.steps)
     timesteps = scheduler.timesteps
-    strength = _call_strength(task, _call_params(pipe))
+    strength = _call_strength(task, _call_params(pipe), init=init)
     if strength is not None:
         skipped = max(task.steps - min(int(task.steps * strength), task.steps), 0)
         timesteps = timesteps[skipped * scheduler.order:]
@@ -786,6 +897,12 @@ def _step_callback(pipe: Any, params: set[str], kwargs: dict[str, Any],
                         "editing and alternation need for themselves")
     return {"callback_on_step_end": conditioning.callback,
             "callback_on_step_end_tensor_inputs": conditioning.tensor_inputs}
+
+
+def _is_tensor(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor)
 
 
 def _dtype_name(module: Any) -> str:

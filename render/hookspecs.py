@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # the plugin API's types, named without importing them at run
     from pathlib import Path
 
     from render.api import Batch, FileRef, Result, RunReport, Task
-    from render.engine import ComponentCache
+    from render.engine import ComponentCache, Renderer
     from render.models import ModelResolver
 
 hookspec = pluggy.HookspecMarker("render")
@@ -42,13 +42,16 @@ hookimpl = pluggy.HookimplMarker("render")
 # -- load ------------------------------------------------------------------------------------
 @hookspec
 def register_task_fields(register: Callable[..., None]) -> None:
-    """Claim job-file keys. Call ``register(key, validator, *, where="task", doc="")``.
+    """Claim job-file keys. Call ``register(key, validator, *, where="task", doc="", stage=...)``.
 
     ``validator(value, ctx)`` returns the normalised value or raises
     ``FieldError(message, subkey)``; ``ctx`` is a ``FieldContext`` (both in ``render.api``)
     (``ctx.base_dir`` to resolve relative paths, ``ctx.file``). ``where="output"`` claims a
-    key of the ``output:`` section instead (e.g. ``save_control``). A key nobody claims is an
-    error with a did-you-mean. Example::
+    key of the ``output:`` section instead (e.g. ``save_control``). ``stage="post"`` says the
+    key acts only on the rendered images (in ``postprocess``): tasks that differ only in such
+    keys render their first pass once and each is postprocessed from a copy (a grid over
+    upscalers renders once); label the files such a key's ``task_files`` returns
+    ``"<key>:..."``. A key nobody claims is an error with a did-you-mean. Example::
 
         @hookimpl
         def register_task_fields(register):
@@ -95,7 +98,9 @@ def task_files(task: Task, models: ModelResolver) -> dict[str, FileRef] | None:
     ``models.file_ref(kind, name, path)``); ``task.files["model"]`` is already resolved (its
     ``family`` says sd1/sd2/sdxl). Raise ``FieldError(message, subkey)`` for a missing or
     incompatible file: it becomes a ``file:line`` error before anything renders. The hashes
-    go into the task id, the infotext and the provenance. Example::
+    go into the task id, the infotext and the provenance. ``models.deep_checks`` is True in a
+    run and False in ``--dry-run``: only then may a check import torch and open weights (to
+    detect an architecture); a dry run stays torch-free. Example::
 
         @hookimpl
         def task_files(task, models):
@@ -158,8 +163,21 @@ def task_inputs(task: Task, pipe: Any) -> dict[str, Any] | None:
 
 # -- post ------------------------------------------------------------------------------------
 @hookspec
-def postprocess(result: Result, task: Task) -> Result | None:
-    """Transform a result after rendering (upscale, ...). Return the new result or None."""
+def postprocess(result: Result, task: Task, renderer: Renderer) -> Result | None:
+    """Transform a result after rendering (upscale, ...). Return the new result or None.
+
+    Chained in call order (``tryfirst`` first: the hires fix, then face restoration, then
+    upscaling, as A1111 orders them). ``renderer`` (``render.engine.Renderer``) is the
+    engine's device, dtype and ``components`` cache (load an upscaler once per process), and
+    ``renderer.img2img(task, inits, model=ref)`` runs a further diffusion pass on the resident
+    models. It runs on the render thread while the writer saves earlier images. Example::
+
+        @hookimpl
+        def postprocess(result, task, renderer):
+            if task.sections.get("grain"):
+                result.images = [add_grain(im, renderer.device) for im in result.images]
+                return result
+    """
 
 
 # -- write -----------------------------------------------------------------------------------

@@ -42,6 +42,11 @@ class ModelKind:
       ``"legacy"`` (A1111's old 8-digit model hash, still shown by sd-webui-controlnet).
     - ``infotext``: the A1111 infotext field the plugin writes those hashes to (for
       ``--list-plugins`` and the README; the plugin writes the field itself).
+    - ``weights_only_pickles``: pickle files (``.pth``) of this kind are found without an
+      ``allow_pickle`` alias, because the plugin promises to read them only through torch's
+      weights-only unpickler (``load_state_dict``), which refuses a pickle that would run code.
+      For kinds whose files are pickles by convention (ESRGAN upscalers); checkpoints,
+      LoRAs and the like keep needing the alias.
     """
 
     name: str
@@ -51,6 +56,7 @@ class ModelKind:
     family: bool = False
     hashes: Mapping[str, str] = field(default_factory=dict)
     infotext: str = ""
+    weights_only_pickles: bool = False
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
@@ -75,15 +81,14 @@ def hash_spec(spec: str) -> tuple[str, int | None]:
 class CoreKinds:
     """The kinds the core's own keys need, registered like any plugin's.
 
-    ``upscaler``, ``motion_module`` and ``motion_lora`` are here only until the upscale and
-    AnimateDiff plugins, which will own them, land.
+    ``motion_module`` and ``motion_lora`` are here only until the AnimateDiff plugin, which
+    will own them, lands.
     """
 
     @hookimpl
     def register_model_kinds(self, register):  # noqa: ANN001 - the hook's documented shape
         register(ModelKind("checkpoint", ("Stable-diffusion", "checkpoints", "diffusers")))
         register(ModelKind("vae", ("VAE", "vae")))
-        register(ModelKind("upscaler", ("ESRGAN", "RealESRGAN", "upscale_models")))
         register(ModelKind("motion_module", ("AnimateDiff", "animatediff_models")))
         register(ModelKind("motion_lora", ("animatediff_motion_lora",), family=True,
                            hashes={"lora_hash": "addnet:12", "addnet_hash": "addnet"}))

@@ -148,6 +148,9 @@ class ModelResolver:
         self.aliases = dict(aliases or {})
         self.hash_cache = hash_cache
         self._kinds = dict(kinds) if kinds is not None else None
+        #: True in a run, False in --dry-run and validation: whether a plugin's ``task_files``
+        #: may open weight files with torch to check them (detect an upscaler's architecture).
+        self.deep_checks = False
         self._listings: dict[Path, list[_Entry]] = {}
         self._dir_errors: dict[int, FieldError] | None = None
         self._refs: dict[tuple[str, str], FileRef] = {}
@@ -360,7 +363,7 @@ class ModelResolver:
         return msg
 
     def _check_pickle(self, kind: str, name: str, path: Path, options: Mapping[str, Any]) -> None:
-        if options.get("allow_pickle") is True:
+        if options.get("allow_pickle") is True or self.kind(kind).weights_only_pickles:
             return
         try:
             pickles = pickle_files(path)

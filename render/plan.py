@@ -24,12 +24,13 @@ from render.tasks import Batch, FileRef, Task
 class Preflight:
     """Resolves the files of tasks from one job file; remembers answers per name."""
 
-    def __init__(self, jf: JobFile) -> None:
+    def __init__(self, jf: JobFile, *, deep: bool = False) -> None:
         from render.models import ModelResolver
 
         self.jf = jf
         self.models = ModelResolver(jf.model_dirs, jf.models, jf.base_dir,
                                     kinds=jf.plugins.kinds())
+        self.models.deep_checks = deep
         self.errors: list[JobError] = []
         #: Tasks a plugin failed on (not user mistakes): job name -> one error per message.
         self.broken: dict[str, list[JobError]] = {}

@@ -53,6 +53,7 @@ class FieldSpec:
     plugin: str
     where: str = "task"
     doc: str = ""
+    stage: str = "render"   # "post": acts on the rendered images only (upscale, hires fix)
 
 
 @dataclass
@@ -105,12 +106,25 @@ class Plugins:
                 if not (impl.hookwrapper or impl.wrapper)]
 
     def chain(self, hook_name: str, value_name: str, value: Any, **kwargs: Any) -> Any:
-        """Pass ``value`` through every implementation in call order; None keeps it."""
-        for _name, function in self.ordered(hook_name):
-            changed = function(**{value_name: value}, **kwargs)
+        """Pass ``value`` through every implementation in call order; None keeps it.
+
+        Each implementation gets only the arguments it names, as pluggy does: a hook that
+        gained an argument (``postprocess``'s ``renderer``) keeps its older implementations.
+        """
+        caller = getattr(self.pm.hook, hook_name)
+        for impl in reversed(caller.get_hookimpls()):
+            if impl.hookwrapper or impl.wrapper:
+                continue
+            given = {k: v for k, v in kwargs.items() if k in impl.argnames}
+            changed = impl.function(**{value_name: value}, **given)
             if changed is not None:
                 value = changed
         return value
+
+    def post_keys(self) -> frozenset[str]:
+        """Task keys registered with ``stage="post"``: they act after the first pass."""
+        return frozenset(spec.key for (where, _), spec in self.fields().items()
+                         if where == "task" and spec.stage == "post")
 
     def failure_for(self, key: str) -> PluginFailure | None:
         """The failed plugin that probably owned ``key`` (same name as the key)."""
@@ -289,9 +303,12 @@ def _gather(plugins: Plugins, hook_name: str, what: str,
 def _collect_fields(plugins: Plugins) -> dict[tuple[str, str], FieldSpec]:
     def make_register(add: Callable[[Any, str, Any], None], name: str) -> Callable[..., None]:
         def register(key: str, validator: Callable[[Any, Any], Any], *,
-                     where: str = "task", doc: str = "") -> None:
+                     where: str = "task", doc: str = "", stage: str = "render") -> None:
+            if stage not in ("render", "post"):
+                raise PluginError(name, "register_task_fields",
+                                  f"key {key!r}: stage must be 'render' or 'post', got {stage!r}")
             checked = _naming(validator, name, f"the validator of {key!r}")
-            add((where, key), key, FieldSpec(key, checked, name, where, doc))
+            add((where, key), key, FieldSpec(key, checked, name, where, doc, stage))
         return register
 
     return {key: spec for key, (_, spec) in

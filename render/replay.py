@@ -288,7 +288,8 @@ def replay_image(args: Any) -> int:
     engine = Engine(plugins.pm, device=args.device, dtype=args.dtype)
     try:
         (result,) = engine.render(Batch(("replay",), (task,)))
-        result = plugins.chain("postprocess", "result", result, task=task)
+        result = plugins.chain("postprocess", "result", result, task=task,
+                               renderer=engine.renderer)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - the image's settings did not render: one line

@@ -119,15 +119,17 @@ def _how_many(count: int) -> str:
 
 
 def iter_resolved(plans: list[JobPlan], plugins: Plugins, limit: int | None,
-                  checkers: dict[int, Preflight]) -> Iterator[tuple[Task, JobPlan]]:
+                  checkers: dict[int, Preflight], *, deep: bool = False,
+                  ) -> Iterator[tuple[Task, JobPlan]]:
     """Stream (preflighted task, plan) pairs, plugin expansion applied, up to ``limit`` tasks.
 
     ``checkers`` (one ``Preflight`` per job file, by ``id``) collect the errors: a caller
     raises them once the stream ends, so every problem of every file is reported together.
+    ``deep``: plugins may open weight files with torch to check them (a run, not --dry-run).
     """
     produced = 0
     for plan in plans:
-        checker = checkers.setdefault(id(plan.file), Preflight(plan.file))
+        checker = checkers.setdefault(id(plan.file), Preflight(plan.file, deep=deep))
         for task in expand.iter_tasks(plan):
             try:
                 finals = expand.plugin_expand(task, plugins)
@@ -192,7 +194,7 @@ def run(args: Any) -> int:
     checkers: dict[int, Preflight] = {}
     if args.dry_run:
         return dry_run(plans, plugins, checkers, args, broken)
-    tasks = resolve_tasks(plans, plugins, args.limit, checkers)
+    tasks = resolve_tasks(plans, plugins, args.limit, checkers, deep=True)
     check_device_available(args.device)   # before any ledger, gallery or model is touched
     broken |= broken_at_preflight(checkers)
     report_broken(broken)
@@ -203,14 +205,15 @@ def run(args: Any) -> int:
 
 
 def resolve_tasks(plans: list[JobPlan], plugins: Plugins, limit: int | None = None,
-                  checkers: dict[int, Preflight] | None = None) -> list[Task]:
+                  checkers: dict[int, Preflight] | None = None, *,
+                  deep: bool = False) -> list[Task]:
     """Expand and preflight every task of ``plans``: the tasks as the renderer gets them.
 
     Raises ``JobErrors`` with every problem of every job file before anything renders.
     Tasks a plugin failed on are left out and recorded in ``checkers`` (``broken``).
     """
     checkers = {} if checkers is None else checkers
-    tasks = [task for task, _ in iter_resolved(plans, plugins, limit, checkers)]
+    tasks = [task for task, _ in iter_resolved(plans, plugins, limit, checkers, deep=deep)]
     raise_errors(checkers)
     return tasks
 

@@ -95,6 +95,8 @@ class Runner:
         self._paths: dict[tuple[str, int], Path] = {}
         self._started = datetime.now()
         self._twins: dict[str, list[Task]] = {}   # id -> other jobs' tasks with its pixels
+        # id -> tasks whose first pass is that task's (they differ only in post sections)
+        self._shared: dict[str, list[Task]] = {}
         self.progress: Any = None
         self._damaged: dict[Path, tuple[Any, Path]] = {}   # root -> (LedgerCorrupt, moved to)
         self.disk_full: str | None = None   # the message, once a write met a full disk
@@ -264,7 +266,8 @@ class Runner:
         from render.engine import Engine
 
         self.engine = Engine(self.plugins.pm, device=self.args.device, dtype=self.args.dtype)
-        batches = make_batches(todo, self.hook, self.args.batch_size, self._fail_rendering)
+        firsts, self._shared = share_first_passes(todo, self.plugins.post_keys())
+        batches = make_batches(firsts, self.hook, self.args.batch_size, self._fail_rendering)
         if self.args.batch_size <= 0:
             batches = list(split(batches, self.engine.batch_size_for))
         pending: list[Future[Any]] = []
@@ -274,14 +277,16 @@ class Runner:
                     break
                 # No "started" line here: the writer announces a job with its first written
                 # image, so every count a line shows is what is on disk at that moment.
-                for result in self._render_batch(batch):
-                    result = self._postprocess(result)
-                    if result is None:
-                        continue
-                    pending.append(writer.submit(self._write, result))
-                    for twin in self._twins.get(result.task.id, ()):
-                        pending.append(writer.submit(self._write, dataclasses.replace(
-                            result, task=twin, provenance={}, timings=dict(result.timings))))
+                for rendered in self._render_batch(batch):
+                    for result in self._post_passes(rendered):
+                        result = self._postprocess(result)
+                        if result is None:
+                            continue
+                        pending.append(writer.submit(self._write, result))
+                        for twin in self._twins.get(result.task.id, ()):
+                            pending.append(writer.submit(self._write, dataclasses.replace(
+                                result, task=twin, provenance={},
+                                timings=dict(result.timings))))
                 # Bound memory: at most about two batches of images wait for the disk.
                 while len(pending) > 2 * len(batch.tasks):
                     pending.pop(0).result()
@@ -305,17 +310,35 @@ class Runner:
                 self._fail_rendering(task, exc)
         return results
 
-    def _postprocess(self, result: Result) -> Result | None:
-        try:
-            return self.plugins.chain("postprocess", "result", result, task=result.task)
-        except Exception as exc:
-            self._fail_rendering(result.task, exc)
-            return None
+    def _post_passes(self, rendered: Result) -> list[Result]:
+        """The first pass's result for its own task, then a copy for every task that shares
+        it (same first pass, other post settings), each to be postprocessed on its own.
+        The copies are made before any postprocess runs: each starts from the first pass."""
+        copies = [dataclasses.replace(
+            rendered, task=task, images=[_copy_image(im) for im in rendered.images],
+            extras=dict(rendered.extras), timings=dict(rendered.timings, load=0.0),
+            notes=list(rendered.notes), provenance={})
+            for task in self._shared.get(rendered.task.id, ())]
+        return [rendered, *copies]
 
-    def _fail_rendering(self, task: Task, exc: BaseException) -> None:
-        """A task that could not be rendered fails with the twins waiting for its images."""
-        for failed in (task, *self._twins.get(task.id, ())):
-            self._fail(failed, exc)
+    def _postprocess(self, result: Result) -> Result | None:
+        start = time.perf_counter()
+        try:
+            done = self.plugins.chain("postprocess", "result", result, task=result.task,
+                                      renderer=self.engine.renderer)
+        except Exception as exc:
+            self._fail_rendering(result.task, exc, shared=False)
+            return None
+        done.timings["post"] = time.perf_counter() - start
+        return done
+
+    def _fail_rendering(self, task: Task, exc: BaseException, *, shared: bool = True) -> None:
+        """A task that could not be rendered fails with the twins waiting for its images,
+        and (``shared``: its first pass failed) with the tasks sharing its first pass."""
+        waiting = [task, *(self._shared.get(task.id, ()) if shared else ())]
+        for each in waiting:
+            for failed in (each, *self._twins.get(each.id, ())):
+                self._fail(failed, exc)
 
     def _fail(self, task: Task, exc: BaseException) -> None:
         message = (str(exc) if isinstance(exc, (PluginError, UserError))
@@ -439,3 +462,26 @@ class Runner:
         from render.progress import summary
 
         return summary(self.counts, interrupted=self.stop.is_set() and not self.disk_full)
+
+
+def share_first_passes(tasks: list[Task], post_keys: frozenset[str],
+                       ) -> tuple[list[Task], dict[str, list[Task]]]:
+    """Tasks that differ only in post sections (upscale, hires fix ...) render their first
+    pass once: ``(tasks to render, {rendered id: the tasks that reuse its first pass})``."""
+    if not post_keys:
+        return tasks, {}
+    firsts: dict[str, Task] = {}
+    shared: dict[str, list[Task]] = {}
+    for task in tasks:
+        key = task.first_pass_id(post_keys)
+        if key in firsts:
+            shared.setdefault(firsts[key].id, []).append(task)
+        else:
+            firsts[key] = task
+    return list(firsts.values()), shared
+
+
+def _copy_image(image: Any) -> Any:
+    """A PIL image copied (a plugin may change an image in place); other values as they are."""
+    copy = getattr(image, "copy", None)
+    return copy() if callable(copy) else image

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,6 +131,17 @@ class Task:
         if "model" not in self.files:
             data["model"] = self.model
         return data
+
+    def first_pass_id(self, post_keys: Collection[str]) -> str:
+        """The id of the image before the ``post_keys`` sections act (each one registered
+        with ``stage="post"``), without them and their files (labelled ``"<key>:..."``):
+        tasks that differ only there share their first pass."""
+        data = self.pixel_settings()
+        data["sections"] = {k: v for k, v in data["sections"].items() if k not in post_keys}
+        data["files"] = {label: v for label, v in data["files"].items()
+                         if label.split(":", 1)[0] not in post_keys}
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
 
     def compute_id(self) -> str:
         """A content hash of what decides the pixels: same settings, same id, any run."""

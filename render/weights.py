@@ -94,15 +94,33 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, *rest: Any) -> _Shape:
 
 
 
+#: Globals a pickled state dict may name (what torch's weights-only unpickler allows).
+_SAFE_MODULES = ("collections", "typing", "_codecs", "torch", "torch._utils",
+                 "torch.serialization", "torch._tensor")
+_SAFE_BUILTINS = ("set", "frozenset", "slice", "bytearray", "complex")
+
+
+def _safe_global(module: str, name: str) -> bool:
+    return (module in _SAFE_MODULES or module == "numpy" or module.startswith("numpy.")
+            or (module == "builtins" and name in _SAFE_BUILTINS))
+
+
 class _ShapeUnpickler(pickle.Unpickler):
     """Reads tensor shapes from a torch pickle without importing or running anything.
 
     ``find_class`` never imports: it answers with inert stand-ins, so a malicious pickle
-    gets no code to run. Only dicts, lists and shapes come out.
+    gets no code to run. Only dicts, lists and shapes come out; ``foreign`` lists the
+    globals a weights file has no business naming (``posix.system``).
     """
 
+    def __init__(self, fh: Any) -> None:
+        super().__init__(fh)
+        self.foreign: list[str] = []
+
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == ("collections", "OrderedDict"):
+        if not _safe_global(module, name):
+            self.foreign.append(f"{module}.{name}")
+        if (module, name) in (("collections", "OrderedDict"), ("typing", "OrderedDict")):
             return collections.OrderedDict
         if module == "torch._utils" and name.startswith("_rebuild_tensor"):
             return _rebuild_tensor
@@ -115,22 +133,40 @@ class _ShapeUnpickler(pickle.Unpickler):
 
 
 
-def read_pickle_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape of a torch pickle checkpoint, read safely (no torch, no code)."""
+def inert_pickle(path: str | Path) -> tuple[Any, list[str]]:
+    """The object a torch pickle holds, read without torch and without running anything
+    (tensors as shape tuples, any other object inert), and the foreign globals it names.
+
+    Raises ``FieldError`` for a file that is no readable torch pickle.
+    """
     path = Path(path)
+
+    def load(fh: Any) -> tuple[Any, list[str]]:
+        unpickler = _ShapeUnpickler(fh)
+        return unpickler.load(), unpickler.foreign
+
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as zf:
-                member = next(n for n in zf.namelist() if n.endswith("data.pkl"))
+                member = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+                if member is None:
+                    raise ValueError("a zip without data.pkl (a TorchScript file?)")
                 with zf.open(member) as fh:
-                    obj = _ShapeUnpickler(fh).load()
-        else:  # legacy format: magic, protocol, sys info, then the object
-            with open(path, "rb") as fh:
-                for _ in range(3):
-                    _ShapeUnpickler(fh).load()
-                obj = _ShapeUnpickler(fh).load()
+                    return load(fh)
+        with open(path, "rb") as fh:  # legacy format: magic, protocol, sys info, then the object
+            foreign: list[str] = []
+            for _ in range(3):
+                foreign += load(fh)[1]
+            obj, more = load(fh)
+            return obj, foreign + more
     except Exception as exc:  # noqa: BLE001 - any failure means "cannot read this file"
         raise FieldError(f"{path}: cannot read tensor shapes from this pickle ({exc})") from exc
+
+
+def read_pickle_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a torch pickle checkpoint, read safely (no torch, no code)."""
+    path = Path(path)
+    obj, _ = inert_pickle(path)
     while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

@@ -216,14 +216,14 @@ def test_ambiguous_name(tmp_path: Path) -> None:
 
 
 def test_pickle_refused_unless_allowed(a1111: Path, tmp_path: Path) -> None:
-    r = ModelResolver([a1111], {"x4": {"source": "RealESRGAN_x4plus", "allow_pickle": True}},
-                      tmp_path)
+    touch(a1111 / "VAE" / "old-vae.pt")
+    r = ModelResolver([a1111], {"v": {"source": "old-vae", "allow_pickle": True}}, tmp_path)
     with pytest.raises(FieldError) as err:
-        r.find("upscaler", "RealESRGAN_x4plus")
+        r.find("vae", "old-vae")
     assert "pickle" in str(err.value) and "allow_pickle: true" in str(err.value)
-    path = r.find("upscaler", "x4")
-    assert path.suffix == ".pth"
-    assert r.file_ref("upscaler", "x4", path).extra["allow_pickle"] is True
+    path = r.find("vae", "v")
+    assert path.suffix == ".pt"
+    assert r.file_ref("vae", "v", path).extra["allow_pickle"] is True
 
 
 def test_pickle_only_diffusers_folder_refused(tmp_path: Path) -> None:

@@ -601,8 +601,7 @@ def test_postprocess_puts_control_images_into_extras(tmp_path, kit, refs, plugin
 """)
     (task,) = plan(path, plugins)
     result = Result(task=task, images=[])
-    for impl in plugins.pm.hook.postprocess.get_hookimpls():
-        impl.function(result=result, task=task)
+    result = plugins.chain("postprocess", "result", result, task=task, renderer=None)
     assert sorted(result.extras) == ["control-0", "control-2"]  # unit 1 (scale 0) does nothing
     assert all(im.size == (64, 64) and im.mode == "RGB" for im in result.extras.values())
 
