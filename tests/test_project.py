@@ -88,8 +88,9 @@ def test_demo_job_expands_and_preflights_on_the_kit(kit, tmp_path):
     plugins = load_plugins()
     tasks = resolve_tasks(load_job_file(job, plugins).jobs, plugins)
     assert {t.job for t in tasks} == {"cabins", "lora-weights", "controlnet-house",
-                                      "depth-room", "xl-fox"}
-    assert len(tasks) == 24
+                                      "hires-lighthouse", "upscaled-boat", "depth-room",
+                                      "xl-fox"}
+    assert len(tasks) == 31
 
 
 def test_catalog_is_a_valid_job_file():

@@ -17,6 +17,9 @@ thread, small random-weight models with the real families' structure, laid out a
     embeddings/tiny-emb-xl.safetensors      SDXL textual inversion (clip_l + clip_g)
     controlnet/tiny-controlnet-sd15/        diffusers ControlNetModel for tiny-sd15
     controlnet/tiny-controlnet-sdxl/        diffusers ControlNetModel for tiny-sdxl
+    upscale_models/tiny-esrgan-x4.pth       ESRGAN x4, Real-ESRGAN layout ({"params_ema": ...})
+    upscale_models/tiny-compact-x2.safetensors  Real-ESRGAN Compact (SRVGGNet) x2
+    facerestore_models/tiny-restoreformer.safetensors  RestoreFormer face restorer (512 px)
 
 What is real: the CLIP tokenizer (SD's exact ids, 77 tokens), the VAE scale factor (8, so
 64x64 pixels are 8x8 latents), scheduler configs like SD1.5/SDXL, the LDM key names of the
@@ -46,6 +49,11 @@ Facts worth knowing:
   peft version, configs the diffusers version). Renders are deterministic for a fixed seed.
 - Besides the entries, the root holds ``.tiny-kit.json`` (written last: the build is
   complete) and ``.tiny-kit.lock`` (serialises concurrent builds, e.g. pytest-xdist).
+- The upscalers and the face restorer are spandrel's own architecture classes with random
+  weights (:mod:`render.testing.upscalers`): spandrel detects them as it detects downloaded
+  files. The upscalers pass the image through with a random texture (mean difference from a
+  Lanczos resize > 5/255); the face restorer's output is noise. The ``.pth`` is a pickle,
+  read (like every upscaler .pth) through torch's weights-only unpickler without an alias.
 - The kit's configs and magnitudes are in :mod:`render.testing.kit` (``SD15_UNET`` ...).
 
 Example (a plugin's test)::
@@ -106,7 +114,7 @@ __all__ = [
 ]
 
 #: Bumped whenever the kit's contents change, so a cached build is rebuilt.
-KIT_VERSION = 1
+KIT_VERSION = 2
 #: Written last in the models folder; its presence means the build is complete.
 MARKER = ".tiny-kit.json"
 
@@ -124,6 +132,9 @@ PATHS: dict[str, str] = {
     "tiny-emb-xl": "embeddings/tiny-emb-xl.safetensors",
     "tiny-controlnet-sd15": "controlnet/tiny-controlnet-sd15",
     "tiny-controlnet-sdxl": "controlnet/tiny-controlnet-sdxl",
+    "tiny-esrgan-x4": "upscale_models/tiny-esrgan-x4.pth",
+    "tiny-compact-x2": "upscale_models/tiny-compact-x2.safetensors",
+    "tiny-restoreformer": "facerestore_models/tiny-restoreformer.safetensors",
 }
 
 #: Checkpoint name -> diffusers pipeline class name that loads it.
@@ -144,7 +155,7 @@ REFERENCE_IMAGES: dict[str, str] = {
 
 def default_root() -> Path:
     """Where :func:`ensure_models` builds when given no root: ``$RENDER_TINY_MODELS`` or a
-    versioned folder in the user cache (``~/.cache/render/tiny-models-v1``)."""
+    versioned folder in the user cache (``~/.cache/render/tiny-models-v2``)."""
     env = os.environ.get("RENDER_TINY_MODELS")
     if env:
         return Path(env)

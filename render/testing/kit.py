@@ -472,6 +472,10 @@ def build_into(root: Path) -> dict[str, float]:
     build_controlnet(sd15.unet, p["tiny-controlnet-sd15"], 301)
     build_controlnet(sdxl.unet, p["tiny-controlnet-sdxl"], 302)
     lap("controlnets")
+    from .upscalers import build_upscalers  # imports spandrel (~2.5 s, most of this lap)
+
+    build_upscalers(p, 401)
+    lap("upscalers")
     shutil.rmtree(scratch)
     return timings
 

@@ -50,3 +50,16 @@ def engine(plugins: Any) -> Any:
     eng = Engine(plugins.pm, device="cpu", dtype="float32", max_resident=2)
     yield eng
     eng.close()
+
+
+@pytest.fixture(scope="module")
+def house(tmp_path_factory: Any) -> Any:
+    """The kit's house picture cropped to 64x48 RGB: not square, so a swapped width and
+    height would show."""
+    from PIL import Image
+
+    from render.testing import write_reference_images
+
+    refs = write_reference_images(tmp_path_factory.mktemp("refs"))
+    with Image.open(refs["house.png"]) as im:
+        return im.convert("RGB").crop((0, 8, 64, 56))
