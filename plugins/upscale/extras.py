@@ -111,7 +111,10 @@ def upscale_files(task: Task, models: Any) -> dict[str, FileRef]:
     section = task.sections.get(KEY)
     if not section or is_plain(section["model"]):
         return {}
-    return {LABEL: upscaler_ref(models, section["model"])}
+    try:
+        return {LABEL: upscaler_ref(models, section["model"])}
+    except FieldError as exc:
+        raise FieldError(exc.message, exc.subkey, key=KEY) from None
 
 
 def apply_upscale(result: Result, task: Task, renderer: Any) -> Result:

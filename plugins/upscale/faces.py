@@ -92,7 +92,7 @@ def restore_files(task: Task, models: Any) -> dict[str, FileRef]:
         path = Path(models.find(FACE_RESTORER.name, name))
         found = inspect(path, purpose="face", deep=getattr(models, "deep_checks", False))
     except FieldError as exc:
-        raise FieldError(exc.message, "model") from None
+        raise FieldError(exc.message, "model", key=KEY) from None
     ref = models.file_ref(FACE_RESTORER.name, name, path)
     if found.arch:
         import dataclasses

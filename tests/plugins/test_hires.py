@@ -283,6 +283,9 @@ def test_lora_acts_in_the_second_pass(tmp_path, job, one_thread):
     ("hires: {scale: 2, stength: 0.5}", "hires.stength", "did you mean 'strength'"),
     ("hires: {scale: 2}\n    image: refs/house.png", "hires", "txt2img"),
     ("hires: {steps: 2, strength: 0.2}", "hires.strength", "no step"),
+    # the plugin's other sections, each at its own key (not at the model, nor at upscale:)
+    ("restore_faces: no-such-face", "restore_faces.model", "no-such-face"),
+    ("upscale: {model: no-such-x4, scale: 2}", "upscale.model", "no-such-x4"),
 ])
 @pytest.mark.parametrize("dry", [True, False])
 def test_mistakes_are_one_located_line_before_rendering(tmp_path, job, capsys, entry, key,
