@@ -22,6 +22,12 @@ import torch: validation and ``--dry-run`` load every plugin without it.
 - Caching and output: ``per_file_version``, ``cache_dir``, ``atomic_write``,
   ``format_number`` (numbers as A1111's infotext writes them), ``quiet_logger``,
   ``shipped_config_source`` (the diffusers configs of SD1.5/SD2/SDXL that render ships).
+- Metadata for a writer of its own format (``write_output``), as the core embeds it:
+  ``png_info`` (PNG chunks: infotext + provenance), ``exif_bytes`` (EXIF UserComment holding
+  the infotext), ``xmp_packet`` (XMP holding the provenance), ``provenance_json``,
+  ``gif_with_xmp`` (a GIF's bytes with an XMP block), ``frame_infotext`` and
+  ``frame_pnginfo`` (one frame of an animation as a PNG: its infotext, a marker naming the
+  task); ``render.metadata.read_metadata`` reads each of them back.
 """
 
 from __future__ import annotations
@@ -45,7 +51,16 @@ from render.hashing import cache_dir, per_file_version
 from render.hookspecs import hookimpl
 from render.images import load_image
 from render.kinds import ModelKind
-from render.metadata import format_number
+from render.metadata import (
+    exif_bytes,
+    format_number,
+    frame_infotext,
+    frame_pnginfo,
+    gif_with_xmp,
+    png_info,
+    provenance_json,
+    xmp_packet,
+)
 from render.output import atomic_write
 from render.prompts import extra_network_tags, strip_extra_networks
 from render.runner import RunReport
@@ -98,7 +113,14 @@ __all__ = [
     "expect_sampler",
     "expect_schedule",
     "expect_str",
+    "exif_bytes",
     "format_number",
+    "frame_infotext",
+    "frame_pnginfo",
+    "gif_with_xmp",
+    "png_info",
+    "provenance_json",
+    "xmp_packet",
     "hookimpl",
     "inert_pickle",
     "load_image",

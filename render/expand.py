@@ -47,6 +47,7 @@ from render.tasks import DEFAULT_STRENGTH, Job, OutputSpec, Task
 TOP_LEVEL_KEYS = ("version", "model_dirs", "wildcard_dirs", "models", "output", "defaults",
                   "jobs")
 OUTPUT_KEYS = ("dir", "name", "format", "grid")
+#: The core's formats (a plugin adds more: ``register_output_formats``, ``Plugins.formats``).
 OUTPUT_FORMATS = ("png", "webp", "jpg")
 JOB_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 MAX_SEED = 2**64 - 1
@@ -574,9 +575,10 @@ def _output(jf: JobFile, entry: MarkedMap, defaults: MarkedMap, prefix: str,
             elif key == "format":
                 fmt = expect_str(value, what="an output format").lower()
                 fmt = "jpg" if fmt == "jpeg" else fmt
-                if fmt not in OUTPUT_FORMATS:
-                    raise FieldError(f"expected one of {', '.join(OUTPUT_FORMATS)}, got "
-                                     f"{describe(value)}")
+                known = sorted(jf.plugins.formats()) or list(OUTPUT_FORMATS)
+                if fmt not in known:
+                    raise FieldError(f"expected one of {', '.join(known)}, got "
+                                     f"{describe(value)}" + _did_you_mean(fmt, known))
                 values[key] = fmt
             elif key == "grid":
                 values[key] = expect_bool(value)

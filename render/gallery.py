@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import quote
 
 from render.ledger import LedgerRow
+from render.metadata import VIDEO_SUFFIXES
 from render.output import atomic_write, is_inside
 
 THUMBS = ".thumbs"
@@ -41,7 +42,7 @@ _CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;background:#fafafa;color:#222}
 h1{font-size:1.4em}h2{margin-top:2em;border-bottom:1px solid #ccc}
 .grid,.images{display:flex;flex-wrap:wrap;gap:12px}
-figure{margin:0;width:260px}figure img{max-width:256px;max-height:256px;display:block}
+figure{margin:0;width:260px}figure img,figure video{max-width:256px;max-height:256px;display:block}
 .grid figure{width:auto}.grid figure img{max-width:512px;max-height:512px}
 figcaption{font-size:.8em;color:#555;word-break:break-all}
 details pre,.failures pre{white-space:pre-wrap;font-size:.75em;background:#fff;padding:4px}
@@ -63,9 +64,12 @@ def _href(path: Path, root: Path) -> str:
 def thumbnail(source: Path, root: Path, *, size: int = THUMB_SIZE) -> Path | None:
     """The JPEG thumbnail of ``source`` under ``root/.thumbs`` (made when missing or stale).
 
-    None when the file cannot be read as an image (missing, or a video).
+    Made from the first frame of an animation (a GIF, animated WebP or MP4: see
+    ``render.images.first_frame``). None when the file cannot be read (missing, damaged).
     """
     from PIL import Image
+
+    from render.images import first_frame
 
     rel = os.path.relpath(os.path.abspath(source), os.path.abspath(root))
     name = hashlib.sha1(rel.encode("utf-8", "surrogatepass")).hexdigest()[:20] + ".jpg"
@@ -83,10 +87,14 @@ def thumbnail(source: Path, root: Path, *, size: int = THUMB_SIZE) -> Path | Non
         if not _our_thumbnail(thumb, unmarked=True):
             return None   # a file of the same name that we did not make: left alone
     try:
-        with Image.open(source) as im:
-            im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale
-            im.thumbnail((size, size))
-            small = im.convert("RGB")
+        if source.suffix.lower() in VIDEO_SUFFIXES:
+            small = first_frame(source)
+            small.thumbnail((size, size))
+        else:
+            with Image.open(source) as im:
+                im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale
+                im.thumbnail((size, size))
+                small = im.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
     atomic_write(thumb, lambda tmp: small.save(tmp, format="JPEG", quality=82,
@@ -129,7 +137,14 @@ def _figure(row: LedgerRow, root: Path, used: set[Path]) -> str:
         return ""
     main = row.paths[0]
     thumb = thumbnail(main, root)
-    if thumb is not None:
+    if thumb is not None and main.suffix.lower() in VIDEO_SUFFIXES:
+        # A video plays in the page (muted, looping), its first frame as the poster; a GIF
+        # or animated WebP shows its first frame and plays when its link is opened.
+        used.add(thumb)
+        body = (f'<video src="{_href(main, root)}" poster="{_href(thumb, root)}" '
+                f'preload="none" muted loop autoplay playsinline controls '
+                f'title="{_e(info)}"></video>')
+    elif thumb is not None:
         used.add(thumb)
         body = (f'<a href="{_href(main, root)}"><img src="{_href(thumb, root)}" '
                 f'loading="lazy" alt="{_e(main.name)}" title="{_e(info)}"></a>')

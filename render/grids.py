@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from render.images import first_frame
 from render.ledger import LedgerRow
-from render.metadata import format_number
+from render.metadata import VIDEO_SUFFIXES, format_number
 from render.output import atomic_write, safe_name
 from render.tasks import Job
 
@@ -219,8 +220,11 @@ def _cell_size(rows: Iterable[LedgerRow]) -> tuple[int, int]:
         size = None
         if row.status == "done" and row.paths:
             try:
-                with Image.open(row.paths[0]) as im:
-                    size = im.size
+                if row.paths[0].suffix.lower() in VIDEO_SUFFIXES:
+                    size = first_frame(row.paths[0]).size
+                else:
+                    with Image.open(row.paths[0]) as im:
+                        size = im.size
             except OSError:
                 size = None
         if size is None:
@@ -319,14 +323,10 @@ def render_page(
 
 
 def _paste(sheet: Any, row: LedgerRow | None, box: tuple[int, int, int, int]) -> bool:
-    from PIL import Image
-
     if row is None or row.status != "done" or not row.paths:
         return False
     try:
-        with Image.open(row.paths[0]) as im:
-            im.load()
-            image = im.convert("RGB")
+        image = first_frame(row.paths[0])   # an animation's sheet shows its first frame
     except OSError:
         return False
     cw, ch = box[2] - box[0], box[3] - box[1]

@@ -74,6 +74,25 @@ def register_model_kinds(register: Callable[..., None]) -> None:
     """
 
 
+@hookspec
+def register_output_formats(register: Callable[..., None]) -> None:
+    """Declare values of ``output.format``. Call
+    ``register(name, extension, *, animated=False, doc="")``.
+
+    ``name`` is what a job file writes (lower case, e.g. ``"gif"``), ``extension`` the file
+    extension with its dot (``".gif"``; a format written as a folder of files still names
+    one). ``animated=True`` says the format holds an animation (a result with more than one
+    image, see ``Result``). A format nobody registers is a job-file error with a
+    did-you-mean; a name another plugin holds is refused (that plugin is not loaded). The
+    core registers png, webp and jpg (alias jpeg); a plugin's ``write_output`` writes its
+    formats. Example::
+
+        @hookimpl
+        def register_output_formats(register):
+            register("gif", ".gif", animated=True, doc="animated GIF (Pillow)")
+    """
+
+
 # -- expand ----------------------------------------------------------------------------------
 @hookspec
 def expand_task(task: Task) -> list[Task] | None:
@@ -214,7 +233,11 @@ def write_output(result: Result, path: Path, fmt: str) -> list[Path] | None:
     Return the list of files written (side files included: they are recorded in the
     ledger), or None when this plugin does not handle ``fmt``. ``result.provenance`` holds
     the provenance with the final infotext under ``"infotext"``. Write atomically
-    (``atomic_write`` from ``render.api``). The core handles png, webp and jpg.
+    (``atomic_write`` from ``render.api``). The core handles png, webp and jpg, writing
+    ``result.images[0]``. A result with more than one image is an animation (its frames, with
+    ``result.fps`` and ``result.loop``): a writer of an animated format writes every frame;
+    the built-in ``animation`` plugin takes ``webp`` when there is more than one image and
+    leaves a single image to the core (it runs before the core's writer).
     """
 
 

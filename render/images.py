@@ -1,4 +1,5 @@
-"""Input images (img2img sources, masks, depth-to-image inits) as a pipeline takes them."""
+"""Input images (img2img sources, masks, depth-to-image inits) as a pipeline takes them, and
+the first frame of an output (grid sheets and gallery thumbnails of animations)."""
 
 from __future__ import annotations
 
@@ -59,3 +60,44 @@ def _decode(path: Path) -> str | None:
 
 
 _decode_problem = per_file_version(_decode)
+
+
+def first_frame(path: str | Path) -> Any:
+    """A new RGB PIL image of ``path``'s first frame: a still image, a GIF or animated WebP
+    (Pillow opens its first frame), or a video (``render.metadata.VIDEO_SUFFIXES``, decoded
+    with PyAV, imported lazily). Raises ``OSError`` when it cannot be read."""
+    from PIL import Image
+
+    from render.metadata import VIDEO_SUFFIXES
+
+    path = Path(path)
+    if path.suffix.lower() in VIDEO_SUFFIXES:
+        try:
+            import av
+
+            with av.open(str(path)) as container:
+                for frame in container.decode(video=0):
+                    return frame.to_image().convert("RGB")
+        except OSError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - PyAV's errors: any means "cannot be read"
+            raise OSError(f"{path}: cannot decode video: {exc}") from exc
+        raise OSError(f"{path}: no video frame")
+    with Image.open(path) as im:
+        im.seek(0)
+        return im.convert("RGB")
+
+
+def video_frames(path: str | Path) -> list[Any]:
+    """Every frame of a video as RGB PIL images (PyAV); ``OSError`` when it cannot be read
+    (a truncated file fails here, which is how the disk check knows a video is whole)."""
+    try:
+        import av
+
+        with av.open(str(path)) as container:
+            frames = [frame.to_image().convert("RGB") for frame in container.decode(video=0)]
+    except Exception as exc:  # noqa: BLE001 - PyAV's errors: any means "cannot be read"
+        raise OSError(f"{path}: cannot decode video: {exc}") from exc
+    if not frames:
+        raise OSError(f"{path}: no video frame")
+    return frames

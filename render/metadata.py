@@ -8,6 +8,14 @@ Where each goes:
 
 - PNG: ``parameters`` text chunk (tEXt, or iTXt when the text is not latin-1; this is what
   A1111 does through Pillow's ``PngInfo.add_text``) and a ``render`` iTXt chunk with the JSON.
+- Animations (written by the built-in ``animation`` plugin through these functions): GIF
+  the infotext in its comment extension (what sd-webui-animatediff writes and A1111's reader
+  takes from ``info["comment"]``) and the provenance in an XMP application extension
+  (Adobe's "XMP DataXMP" block, which exiftool reads; Pillow neither writes nor reads XMP
+  in a GIF, so ``gif_with_xmp`` and ``_gif_xmp`` do it); animated WebP as a still WebP
+  below; MP4 the infotext in the ``comment`` tag and the provenance JSON in ``description``
+  (both standard iTunes-style tags the mp4 muxer keeps without ``use_metadata_tags``),
+  read with PyAV.
 - JPEG/WebP: the infotext in EXIF UserComment, UNICODE-prefixed as piexif writes it (what
   A1111 writes and its readers parse); the provenance in an XMP packet (``render:provenance``),
   because XMP is the one container that JPEG and WebP share, Pillow writes and reads it for
@@ -343,10 +351,85 @@ def save_image(image: Any, path: str | Path, fmt: str, prov: Mapping[str, Any],
     raise ValueError(f"no metadata writer for format {fmt!r} (png, webp, jpg)")
 
 
+# -- animations ------------------------------------------------------------------------------
+#: Container suffixes read through PyAV (video); everything else is opened with Pillow.
+VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".webm", ".mkv"})
+# Adobe XMP spec part 3, GIF: application extension "XMP Data" + auth code "XMP", the raw
+# packet, then a 258-byte "magic trailer" so a GIF reader walking sub-blocks ends on a 0.
+_GIF_XMP_HEAD = b"\x21\xff\x0bXMP DataXMP"
+_GIF_XMP_TRAILER = b"\x01" + bytes(range(255, -1, -1)) + b"\x00"
+
+
+def gif_with_xmp(data: bytes, packet: bytes) -> bytes:
+    """A GIF's bytes with an XMP application extension holding ``packet`` before its
+    trailer (``;``). The packet must hold no NUL byte (an XMP packet of JSON never does)."""
+    if not data.endswith(b";"):
+        raise ValueError("not a complete GIF (no trailer)")
+    if b"\x00" in packet:
+        raise ValueError("an XMP packet for a GIF cannot hold a NUL byte")
+    return data[:-1] + _GIF_XMP_HEAD + packet + _GIF_XMP_TRAILER + b";"
+
+
+def _gif_xmp(path: str | Path) -> bytes | None:
+    """The XMP packet ``gif_with_xmp`` wrote into a GIF, or None."""
+    data = Path(path).read_bytes()
+    start = data.rfind(_GIF_XMP_HEAD)
+    if start < 0:
+        return None
+    start += len(_GIF_XMP_HEAD)
+    end = data.find(_GIF_XMP_TRAILER, start)
+    return data[start:end] if end >= 0 else None
+
+
+def frame_infotext(text: str, index: int, count: int) -> str:
+    """The infotext of frame ``index`` (from 0) of ``count``: the animation's, with a
+    ``Frame: 3/16`` field (counted from 1) at the end of its fields line."""
+    return f"{text}, Frame: {index + 1}/{count}"
+
+
+def frame_pnginfo(text: str, prov: Mapping[str, Any], index: int, count: int) -> Any:
+    """The PNG chunks of one frame written beside an animation: the frame's infotext as
+    ``parameters`` (A1111's PNG Info shows it) and a marker naming the animation's task (the
+    ledger's reconcile treats the file as that task's side file, as a ControlNet map)."""
+    from PIL import PngImagePlugin
+
+    task = prov.get("task") or {}
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PNG_INFOTEXT_KEY, frame_infotext(text, index, count))
+    info.add_itxt(EXTRA_KEY, json.dumps({
+        "format": PROVENANCE_FORMAT, "extra": f"frame-{index:04}", "frame": index,
+        "frames": count, "of": {k: task.get(k) for k in ("id", "job", "index")}}))
+    return info
+
+
+#: The PNG chunk marking an extra output (``render.reconcile.EXTRA_KEY`` is this name).
+EXTRA_KEY = "render-extra"
+
+
+def _read_video(path: str | Path) -> tuple[str | None, dict[str, Any] | None]:
+    import av  # lazily: only an MP4 needs PyAV
+
+    with av.open(str(path)) as container:
+        tags = dict(container.metadata)
+    text = tags.get("comment")
+    prov: dict[str, Any] | None = None
+    raw = tags.get("description")
+    if isinstance(raw, str):
+        try:
+            loaded = json.loads(raw)
+            prov = loaded if isinstance(loaded, dict) else None
+        except ValueError:
+            prov = None
+    return (str(text) if text else None), prov
+
+
 def read_metadata(path: str | Path) -> tuple[str | None, dict[str, Any] | None]:
-    """(infotext, provenance) from a png, webp or jpg; None for what the file lacks."""
+    """(infotext, provenance) from a png, webp (still or animated), jpg, gif or mp4; None for
+    what the file lacks. An MP4 is read with PyAV (imported here, lazily)."""
     from PIL import Image
 
+    if Path(path).suffix.lower() in VIDEO_SUFFIXES:
+        return _read_video(path)
     with Image.open(path) as im:
         info = dict(im.info)
         if im.format == "PNG":
@@ -362,6 +445,11 @@ def read_metadata(path: str | Path) -> tuple[str | None, dict[str, Any] | None]:
                 prov = None
         if text is None and "exif" in info:
             text = _user_comment(im)
+        if text is None and im.format == "GIF" and info.get("comment"):
+            comment = info["comment"]
+            text = comment.decode("utf-8", "replace") if isinstance(comment, bytes) else comment
+        if prov is None and im.format == "GIF":
+            info["xmp"] = _gif_xmp(path)
         if prov is None and info.get("xmp"):
             try:
                 prov = _provenance_from_xmp(info["xmp"])
@@ -414,4 +502,7 @@ def describe_result(result: Result, plugins: Any, versions: dict[str, str],
     prov = provenance(task, versions=versions, device=device, timings=result.timings,
                       infotext=text)
     prov["notes"] = list(result.notes)
+    if len(result.images) > 1:   # an animation: what its writer honours, read back by replay
+        prov["animation"] = {"frames": len(result.images), "fps": result.fps,
+                             "loop": result.loop}
     return text, prov

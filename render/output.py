@@ -39,8 +39,9 @@ BUILTIN_FIELDS = frozenset({
 #: Fields whose value is the same for every task of a job (usable for the job's folder).
 JOB_FIELDS = frozenset({"job", "date", "time"})
 
-EXTENSIONS = {"png": ".png", "webp": ".webp", "jpg": ".jpg", "jpeg": ".jpg", "gif": ".gif",
-              "mp4": ".mp4"}
+#: Output format -> file extension. The core's formats; a plugin's formats are added when the
+#: plugins are loaded (``register_output_formats``, collected by ``render.plugins``).
+EXTENSIONS = {"png": ".png", "webp": ".webp", "jpg": ".jpg", "jpeg": ".jpg"}
 
 #: Longest path component we produce, in UTF-8 bytes: NAME_MAX is 255, and we leave room for
 #: a collision suffix and the temp-file prefix/suffix of ``atomic_write``.
@@ -607,6 +608,16 @@ class CoreWriters:
 
     def __init__(self, quality: int = 92) -> None:
         self.quality = quality
+
+    @hookimpl
+    def register_output_formats(self, register: Callable[..., None]) -> None:
+        register("png", ".png", doc="PNG, infotext in the parameters chunk (A1111)")
+        # animated=True: a result with frames is an animated WebP (plugins/animation.py
+        # writes it; this writer keeps single images).
+        register("webp", ".webp", animated=True,
+                 doc="WebP, infotext in EXIF UserComment, provenance in XMP")
+        register("jpg", ".jpg", doc="JPEG, infotext in EXIF UserComment, provenance in XMP")
+        register("jpeg", ".jpg", doc="the same as jpg")
 
     @hookimpl
     def write_output(self, result: Any, path: Any, fmt: str) -> list[Path] | None:

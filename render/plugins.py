@@ -14,6 +14,7 @@ import functools
 import importlib
 import importlib.util
 import pkgutil
+import re
 import sys
 import traceback
 from collections.abc import Callable, Iterable
@@ -56,6 +57,17 @@ class FieldSpec:
     stage: str = "render"   # "post": acts on the rendered images only (upscale, hires fix)
 
 
+@dataclass(frozen=True)
+class FormatSpec:
+    """A value of ``output.format`` a plugin (or the core) registered."""
+
+    name: str
+    extension: str          # with its dot: ".gif"
+    plugin: str
+    animated: bool = False
+    doc: str = ""
+
+
 @dataclass
 class Plugins:
     """The loaded plugin manager plus what was learned while loading it."""
@@ -65,6 +77,7 @@ class Plugins:
     sources: dict[str, str] = field(default_factory=dict)   # plugin name -> file or dist
     _fields: dict[tuple[str, str], FieldSpec] | None = None
     _kinds: dict[str, tuple[str, Any]] | None = None   # kind name -> (plugin, ModelKind)
+    _formats: dict[str, FormatSpec] | None = None
 
     @property
     def hook(self) -> Any:
@@ -82,6 +95,12 @@ class Plugins:
             self._kinds = _collect_kinds(self)
         return {name: kind for name, (_, kind) in self._kinds.items()}
 
+    def formats(self) -> dict[str, FormatSpec]:
+        """Every registered output format, ``{name: FormatSpec}`` (collected at load)."""
+        if self._formats is None:
+            self._formats = _collect_formats(self)
+        return dict(self._formats)
+
     def kinds_of(self, plugin_name: str) -> list[str]:
         """The kinds of model file ``plugin_name`` registered."""
         self.kinds()
@@ -97,6 +116,8 @@ class Plugins:
             self._fields = {k: s for k, s in self._fields.items() if s.plugin != name}
         if self._kinds is not None:
             self._kinds = {k: v for k, v in self._kinds.items() if v[0] != name}
+        if self._formats is not None:
+            self._formats = {k: f for k, f in self._formats.items() if f.plugin != name}
 
     def ordered(self, hook_name: str) -> list[tuple[str, Callable[..., Any]]]:
         """``(plugin name, function)`` of a hook in pluggy's call order: ``tryfirst`` first,
@@ -244,6 +265,7 @@ def load_plugins(plugins_dirs: Iterable[str | Path] = (), *, builtins: bool = Tr
         if plugins.pm.get_name(plugin) not in CORE_NAMES:
             _name_failures(plugins.pm, plugin)
     plugins.kinds()
+    plugins.formats()
     plugins.fields()
     return plugins
 
@@ -326,6 +348,36 @@ def _collect_kinds(plugins: Plugins) -> dict[str, tuple[str, Any]]:
         return register
 
     return _gather(plugins, "register_model_kinds", "model kind", make_register)
+
+
+_FORMAT_NAME = re.compile(r"[a-z0-9][a-z0-9_\-]*")
+_EXTENSION = re.compile(r"\.[A-Za-z0-9_\-]+")
+
+
+def _collect_formats(plugins: Plugins) -> dict[str, FormatSpec]:
+    def make_register(add: Callable[[Any, str, Any], None], name: str) -> Callable[..., None]:
+        def register(format_name: str, extension: str, *, animated: bool = False,
+                     doc: str = "") -> None:
+            if not isinstance(format_name, str) or not _FORMAT_NAME.fullmatch(format_name):
+                raise PluginError(name, "register_output_formats",
+                                  f"format {format_name!r}: expected a lower-case name "
+                                  "(letters, digits, '-', '_')")
+            if not isinstance(extension, str) or not _EXTENSION.fullmatch(extension):
+                raise PluginError(name, "register_output_formats",
+                                  f"format {format_name!r}: extension {extension!r} is not "
+                                  "'.' + letters or digits")
+            add(format_name, format_name,
+                FormatSpec(format_name, extension, name, bool(animated), doc))
+        return register
+
+    formats = {key: spec for key, (_, spec) in
+               _gather(plugins, "register_output_formats", "output format",
+                       make_register).items()}
+    from render import output  # output names take a plugin format's extension from here
+
+    for spec in formats.values():
+        output.EXTENSIONS.setdefault(spec.name, spec.extension)
+    return formats
 
 
 def hook_names() -> list[str]:

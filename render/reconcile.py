@@ -115,6 +115,8 @@ def read_provenance(path: Path, *, whole: bool = False) -> dict[str, Any] | None
     """
     from PIL import Image
 
+    if path.suffix.lower() in metadata.VIDEO_SUFFIXES:
+        return _video_provenance(path, whole=whole)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # DecompressionBombWarning: we only read
@@ -130,6 +132,21 @@ def read_provenance(path: Path, *, whole: bool = False) -> dict[str, Any] | None
             else:
                 prov = metadata.read_metadata(path)[1]
     except Exception:  # noqa: BLE001 - any file can sit there: unreadable means "not ours"
+        return None
+    if isinstance(prov, dict) and prov.get("format") == metadata.PROVENANCE_FORMAT:
+        return prov
+    return None
+
+
+def _video_provenance(path: Path, *, whole: bool) -> dict[str, Any] | None:
+    """A video's provenance (container metadata); ``whole`` decodes every frame."""
+    from render.images import video_frames
+
+    try:
+        prov = metadata.read_metadata(path)[1]
+        if whole:
+            video_frames(path)
+    except Exception:  # noqa: BLE001 - unreadable means "not ours", as for images
         return None
     if isinstance(prov, dict) and prov.get("format") == metadata.PROVENANCE_FORMAT:
         return prov

@@ -352,6 +352,10 @@ def compare(original: str, replayed: Any) -> tuple[str, bool]:
     import numpy as np
     from PIL import Image
 
+    from render import metadata
+
+    if Path(original).suffix.lower() in metadata.VIDEO_SUFFIXES:
+        return "not compared: the original is a video, a lossy format", True
     with Image.open(original) as im:
         if im.format != "PNG":
             return f"not compared: the original is {im.format}, a lossy format", True

@@ -209,6 +209,10 @@ class Result:
     ``images`` holds one PIL image, or the frames of an animation; ``extras`` are side files
     (e.g. a ControlNet's preprocessed image) keyed by a suffix for their file name. The
     write stage sets ``provenance`` (with the final infotext) on the copy it writes.
+
+    An animation is a result with more than one image: its frames in order, shown at ``fps``
+    frames per second (None: the writer's default, 8) and repeated forever when ``loop``
+    (else played once). Whatever makes the frames sets both (AnimateDiff; a ``postprocess``).
     """
 
     task: Task
@@ -217,3 +221,5 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)   # e.g. "vae tiling" after an OOM
+    fps: float | None = None   # an animation's frame rate; None: the writer's default
+    loop: bool = True          # an animation repeats (GIF/WebP loop 0, the gallery's loop)
