@@ -20,6 +20,10 @@ thread, small random-weight models with the real families' structure, laid out a
     upscale_models/tiny-esrgan-x4.pth       ESRGAN x4, Real-ESRGAN layout ({"params_ema": ...})
     upscale_models/tiny-compact-x2.safetensors  Real-ESRGAN Compact (SRVGGNet) x2
     facerestore_models/tiny-restoreformer.safetensors  RestoreFormer face restorer (512 px)
+    animatediff_models/tiny-motion-sd15/    diffusers MotionAdapter for tiny-sd15 (v2-shaped)
+    animatediff_models/tiny-motion-sd15.safetensors  the same weights, original AnimateDiff file
+    animatediff_models/tiny-motion-sdxl/    MotionAdapter for tiny-sdxl (SDXL-beta-shaped)
+    animatediff_motion_lora/tiny-motion-lora.safetensors  motion LoRA (original layout)
 
 What is real: the CLIP tokenizer (SD's exact ids, 77 tokens), the VAE scale factor (8, so
 64x64 pixels are 8x8 latents), scheduler configs like SD1.5/SDXL, the LDM key names of the
@@ -54,6 +58,17 @@ Facts worth knowing:
   files. The upscalers pass the image through with a random texture (mean difference from a
   Lanczos resize > 5/255); the face restorer's output is noise. The ``.pth`` is a pickle,
   read (like every upscaler .pth) through torch's weights-only unpickler without an alias.
+- The motion modules (:mod:`render.testing.motion`) have random ``proj_out`` layers (diffusers
+  zero-initialises them, which would make a module the identity), so frames visibly mix. The
+  single file uses the original names (``temporal_transformer``, ``attention_blocks.0``,
+  ``pos_encoder.pe``) and loads offline with the folder as its config::
+
+      MotionAdapter.from_single_file(path, config=str(root / PATHS["tiny-motion-sd15"]),
+                                     local_files_only=True)
+
+  Both modules are too narrow for their family to show in the shapes, so their safetensors
+  metadata says it (``modelspec.architecture``). The motion LoRA uses the original layout of
+  guoyww's ``v2_lora_*.ckpt`` (``...attention_blocks.0.processor.to_q_lora.down.weight``).
 - The kit's configs and magnitudes are in :mod:`render.testing.kit` (``SD15_UNET`` ...).
 
 Example (a plugin's test)::
@@ -114,7 +129,7 @@ __all__ = [
 ]
 
 #: Bumped whenever the kit's contents change, so a cached build is rebuilt.
-KIT_VERSION = 2
+KIT_VERSION = 3
 #: Written last in the models folder; its presence means the build is complete.
 MARKER = ".tiny-kit.json"
 
@@ -135,6 +150,10 @@ PATHS: dict[str, str] = {
     "tiny-esrgan-x4": "upscale_models/tiny-esrgan-x4.pth",
     "tiny-compact-x2": "upscale_models/tiny-compact-x2.safetensors",
     "tiny-restoreformer": "facerestore_models/tiny-restoreformer.safetensors",
+    "tiny-motion-sd15": "animatediff_models/tiny-motion-sd15",
+    "tiny-motion-sd15-single": "animatediff_models/tiny-motion-sd15.safetensors",
+    "tiny-motion-sdxl": "animatediff_models/tiny-motion-sdxl",
+    "tiny-motion-lora": "animatediff_motion_lora/tiny-motion-lora.safetensors",
 }
 
 #: Checkpoint name -> diffusers pipeline class name that loads it.
@@ -155,7 +174,7 @@ REFERENCE_IMAGES: dict[str, str] = {
 
 def default_root() -> Path:
     """Where :func:`ensure_models` builds when given no root: ``$RENDER_TINY_MODELS`` or a
-    versioned folder in the user cache (``~/.cache/render/tiny-models-v2``)."""
+    versioned folder in the user cache (``~/.cache/render/tiny-models-v3``)."""
     env = os.environ.get("RENDER_TINY_MODELS")
     if env:
         return Path(env)

@@ -476,6 +476,10 @@ def build_into(root: Path) -> dict[str, float]:
 
     build_upscalers(p, 401)
     lap("upscalers")
+    from .motion import build_motion_modules
+
+    build_motion_modules(SD15_UNET, SDXL_UNET, p, 501)
+    lap("motion modules")
     shutil.rmtree(scratch)
     return timings
 
