@@ -412,15 +412,18 @@ def _read_video(path: str | Path) -> tuple[str | None, dict[str, Any] | None]:
     with av.open(str(path)) as container:
         tags = dict(container.metadata)
     text = tags.get("comment")
-    prov: dict[str, Any] | None = None
-    raw = tags.get("description")
-    if isinstance(raw, str):
-        try:
-            loaded = json.loads(raw)
-            prov = loaded if isinstance(loaded, dict) else None
-        except ValueError:
-            prov = None
-    return (str(text) if text else None), prov
+    return (str(text) if text else None), _json_mapping(tags.get("description"))
+
+
+def _json_mapping(raw: Any) -> dict[str, Any] | None:
+    """A provenance stored as JSON text: the mapping, or None for anything else."""
+    if not isinstance(raw, str):
+        return None
+    try:
+        loaded = json.loads(raw)
+    except ValueError:
+        return None
+    return loaded if isinstance(loaded, dict) else None
 
 
 def read_metadata(path: str | Path) -> tuple[str | None, dict[str, Any] | None]:
@@ -435,14 +438,7 @@ def read_metadata(path: str | Path) -> tuple[str | None, dict[str, Any] | None]:
         if im.format == "PNG":
             info.update(getattr(im, "text", {}) or {})  # text chunks after IDAT too
         text = info.get(PNG_INFOTEXT_KEY)
-        prov: dict[str, Any] | None = None
-        raw = info.get(PNG_PROVENANCE_KEY)
-        if isinstance(raw, str):
-            try:
-                loaded = json.loads(raw)
-                prov = loaded if isinstance(loaded, dict) else None
-            except ValueError:
-                prov = None
+        prov = _json_mapping(info.get(PNG_PROVENANCE_KEY))
         if text is None and "exif" in info:
             text = _user_comment(im)
         if text is None and im.format == "GIF" and info.get("comment"):
