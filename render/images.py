@@ -72,17 +72,7 @@ def first_frame(path: str | Path) -> Any:
 
     path = Path(path)
     if path.suffix.lower() in VIDEO_SUFFIXES:
-        try:
-            import av
-
-            with av.open(str(path)) as container:
-                for frame in container.decode(video=0):
-                    return frame.to_image().convert("RGB")
-        except OSError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - PyAV's errors: any means "cannot be read"
-            raise OSError(f"{path}: cannot decode video: {exc}") from exc
-        raise OSError(f"{path}: no video frame")
+        return _decode_video(path, limit=1)[0]
     with Image.open(path) as im:
         im.seek(0)
         return im.convert("RGB")
@@ -91,11 +81,20 @@ def first_frame(path: str | Path) -> Any:
 def video_frames(path: str | Path) -> list[Any]:
     """Every frame of a video as RGB PIL images (PyAV); ``OSError`` when it cannot be read
     (a truncated file fails here, which is how the disk check knows a video is whole)."""
+    return _decode_video(Path(path))
+
+
+def _decode_video(path: Path, limit: int | None = None) -> list[Any]:
+    """The first ``limit`` frames (all: None) of a video, at least one, or ``OSError``."""
+    frames: list[Any] = []
     try:
         import av
 
         with av.open(str(path)) as container:
-            frames = [frame.to_image().convert("RGB") for frame in container.decode(video=0)]
+            for frame in container.decode(video=0):
+                frames.append(frame.to_image().convert("RGB"))
+                if limit is not None and len(frames) >= limit:
+                    break
     except Exception as exc:  # noqa: BLE001 - PyAV's errors: any means "cannot be read"
         raise OSError(f"{path}: cannot decode video: {exc}") from exc
     if not frames:

@@ -391,19 +391,26 @@ def frame_pnginfo(text: str, prov: Mapping[str, Any], index: int, count: int) ->
     """The PNG chunks of one frame written beside an animation: the frame's infotext as
     ``parameters`` (A1111's PNG Info shows it) and a marker naming the animation's task (the
     ledger's reconcile treats the file as that task's side file, as a ControlNet map)."""
-    from PIL import PngImagePlugin
-
     task = prov.get("task") or {}
-    info = PngImagePlugin.PngInfo()
+    info = extra_pnginfo({k: task.get(k) for k in ("id", "job", "index")},
+                         f"frame-{index:04}", frame=index, frames=count)
     info.add_text(PNG_INFOTEXT_KEY, frame_infotext(text, index, count))
-    info.add_itxt(EXTRA_KEY, json.dumps({
-        "format": PROVENANCE_FORMAT, "extra": f"frame-{index:04}", "frame": index,
-        "frames": count, "of": {k: task.get(k) for k in ("id", "job", "index")}}))
     return info
 
 
-#: The PNG chunk marking an extra output (``render.reconcile.EXTRA_KEY`` is this name).
+#: PNG text key of the marker on extra outputs (``-control-0.png``, an animation's frames).
 EXTRA_KEY = "render-extra"
+
+
+def extra_pnginfo(of: Mapping[str, Any], suffix: str, **more: Any) -> Any:
+    """The PNG chunk that marks an extra output as the task ``of`` (``{id, job, index}``)
+    made: the ledger's reconcile then treats the file as that task's side file."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt(EXTRA_KEY, json.dumps({"format": PROVENANCE_FORMAT, "extra": suffix,
+                                         **more, "of": dict(of)}))
+    return info
 
 
 def _read_video(path: str | Path) -> tuple[str | None, dict[str, Any] | None]:

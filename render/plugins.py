@@ -122,8 +122,12 @@ class Plugins:
     def ordered(self, hook_name: str) -> list[tuple[str, Callable[..., Any]]]:
         """``(plugin name, function)`` of a hook in pluggy's call order: ``tryfirst`` first,
         then the last registered first, ``trylast`` last (wrappers are not listed)."""
+        return [(impl.plugin_name, impl.function) for impl in self._impls(hook_name)]
+
+    def _impls(self, hook_name: str) -> list[Any]:
+        """The hook's implementations (pluggy ``HookImpl``) in call order, no wrappers."""
         caller = getattr(self.pm.hook, hook_name)
-        return [(impl.plugin_name, impl.function) for impl in reversed(caller.get_hookimpls())
+        return [impl for impl in reversed(caller.get_hookimpls())
                 if not (impl.hookwrapper or impl.wrapper)]
 
     def chain(self, hook_name: str, value_name: str, value: Any, **kwargs: Any) -> Any:
@@ -132,10 +136,7 @@ class Plugins:
         Each implementation gets only the arguments it names, as pluggy does: a hook that
         gained an argument (``postprocess``'s ``renderer``) keeps its older implementations.
         """
-        caller = getattr(self.pm.hook, hook_name)
-        for impl in reversed(caller.get_hookimpls()):
-            if impl.hookwrapper or impl.wrapper:
-                continue
+        for impl in self._impls(hook_name):
             given = {k: v for k, v in kwargs.items() if k in impl.argnames}
             changed = impl.function(**{value_name: value}, **given)
             if changed is not None:

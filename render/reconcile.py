@@ -41,8 +41,7 @@ from render.ledger import (
 from render.output import OutputRefused, existing_ancestor
 from render.tasks import Task, task_from_json
 
-#: PNG text key of the marker on extra outputs (``-control-0.png``): which task made them.
-EXTRA_KEY = "render-extra"
+EXTRA_KEY = metadata.EXTRA_KEY
 IMAGE_SUFFIXES = frozenset({".png", ".webp", ".jpg", ".jpeg"})
 #: The stem of a file ``move_aside`` made: never taken for an output again.
 CHANGED_RE = re.compile(r"\.changed-\d{8}-\d{6}(?:-\d+)?$")
@@ -164,13 +163,8 @@ def names_task(prov: Mapping[str, Any] | None, key: Key, *, main: bool = False) 
 
 def extra_pnginfo(task: Task, suffix: str) -> Any:
     """The PNG chunk that marks an extra output (``-control-0.png``) as ``task``'s."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_itxt(EXTRA_KEY, json.dumps({
-        "format": metadata.PROVENANCE_FORMAT, "extra": suffix,
-        "of": {"id": task.id, "job": task.job, "index": task.index}}))
-    return info
+    return metadata.extra_pnginfo({"id": task.id, "job": task.job, "index": task.index},
+                                  suffix)
 
 
 # -- done rows against the disk ----------------------------------------------------------------

@@ -87,31 +87,34 @@ def _pipeline_copy(kit: Path, models: Path, name: str) -> Path:
     return dest
 
 
+def _pickle_with_decoy(part: Path, weights: str, pickle: str, decoy: str) -> None:
+    """``part``'s weights as the pickle ``pickle``, and a copy of it named ``decoy`` beside."""
+    (part / weights).rename(part / pickle)
+    shutil.copy(part / pickle, part / decoy)
+
+
 def _decoy_unet(folder: Path) -> None:
-    unet = folder / "unet"
-    (unet / "diffusion_pytorch_model.safetensors").rename(unet / "diffusion_pytorch_model.bin")
-    shutil.copy(unet / "diffusion_pytorch_model.bin", unet / "decoy.safetensors")
+    _pickle_with_decoy(folder / "unet", "diffusion_pytorch_model.safetensors",
+                       "diffusion_pytorch_model.bin", "decoy.safetensors")
 
 
 def _variant_decoy(folder: Path) -> None:
-    unet = folder / "unet"
-    (unet / "diffusion_pytorch_model.safetensors").rename(unet / "diffusion_pytorch_model.bin")
-    shutil.copy(unet / "diffusion_pytorch_model.bin",
-                unet / "diffusion_pytorch_model.fp16.safetensors")   # no variant is loaded
+    _pickle_with_decoy(folder / "unet", "diffusion_pytorch_model.safetensors",
+                       "diffusion_pytorch_model.bin",
+                       "diffusion_pytorch_model.fp16.safetensors")   # no variant is loaded
 
 
 def _text_encoder_decoy(folder: Path) -> None:
-    te = folder / "text_encoder"
-    (te / "model.safetensors").rename(te / "pytorch_model.bin")
-    shutil.copy(te / "pytorch_model.bin", te / "diffusion_pytorch_model.safetensors")
+    _pickle_with_decoy(folder / "text_encoder", "model.safetensors", "pytorch_model.bin",
+                       "diffusion_pytorch_model.safetensors")
 
 
 def _sharded_pickle(folder: Path) -> None:
     unet = folder / "unet"
-    (unet / "diffusion_pytorch_model.safetensors").rename(unet / "shard-00001.bin")
+    _pickle_with_decoy(unet, "diffusion_pytorch_model.safetensors", "shard-00001.bin",
+                       "decoy.safetensors")
     index = {"metadata": {}, "weight_map": {"conv_in.weight": "shard-00001.bin"}}
     (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
-    shutil.copy(unet / "shard-00001.bin", unet / "decoy.safetensors")
 
 
 @pytest.mark.parametrize(("layout", "pickle"), [
