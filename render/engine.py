@@ -422,6 +422,11 @@ class Engine:
                     raise UserError(f"two plugins give the pipeline component {name!r}")
                 components[name] = value
         key = (cls.__name__, tuple(sorted((k, id(v)) for k, v in components.items())))
+        return self._view(res, key, cls, components)
+
+    def _view(self, res: Resident, key: Any, cls: Any, components: Mapping[str, Any]) -> Any:
+        """The ``from_pipe`` view of ``res`` under ``key``, made once and kept (the oldest
+        dropped past MAX_VIEWS)."""
         if key not in res.views:
             # from_pipe casts every module to its dtype, float32 by default: without it
             # a half-precision base would be silently converted (and double its memory).
@@ -443,13 +448,7 @@ class Engine:
                             "inpainting model): it cannot render a second img2img pass")
         name = ("StableDiffusionDepth2ImgPipeline" if res.in_channels == 5
                 else DEFAULT_PIPELINES[res.family]["img2img"])
-        key = ("second pass", name)
-        if key not in res.views:
-            with quiet_logger("diffusers.models.modeling_utils"):
-                view = getattr(diffusers, name).from_pipe(res.pipe, **_dtype_kw(self.torch_dtype))
-            view.set_progress_bar_config(disable=True)
-            res.views[key] = view
-        return res.views[key]
+        return self._view(res, ("second pass", name), getattr(diffusers, name), {})
 
     # -- batch sizes -----------------------------------------------------------------------
     def batch_size_for(self, task: Task) -> int:
