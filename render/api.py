@@ -6,7 +6,10 @@ import torch: validation and ``--dry-run`` load every plugin without it.
 
 - ``hookimpl``: decorate hook functions (the hooks are documented in ``render.hookspecs``).
 - Values that flow between stages: ``Task``, ``FileRef``, ``Batch``, ``Result``,
-  ``RunReport``; ``DEFAULT_STRENGTH`` (A1111's 0.75) and ``load_image`` (inputs at a size).
+  ``RunReport``; ``DEFAULT_STRENGTH`` (A1111's 0.75) and ``load_image`` (inputs at a
+  size); ``load_frames``, ``frame_count``, ``first_frame`` and ``frame_files`` (the frames
+  of a GIF, animated WebP, video or folder of images).
+- ``UserError``: a mistake of the user's found at render time (one line, no traceback).
 - Job-file keys: ``FieldError``, ``FieldContext`` and the ``expect_*`` validators
   (``expect_sampler``: an A1111 sampler name -> ``(sampler, schedule or None)``;
   ``expect_schedule``: an A1111 schedule type, e.g. ``Karras``);
@@ -16,7 +19,9 @@ import torch: validation and ``--dry-run`` load every plugin without it.
   ``checkpoint_info``, ``detect_family``, ``inert_pickle``: a pickle's contents as shapes,
   and the foreign globals it names) and ``load_state_dict`` (torch's weights-only
   unpickler for pickles); families: ``FAMILY_NAMES``, ``CONTEXT_FAMILY``, ``family_text``.
-- Prompts: ``extra_network_tags`` and ``strip_extra_networks`` (A1111's ``<lora:x:1>`` tags).
+- Prompts: ``extra_network_tags`` and ``strip_extra_networks`` (A1111's ``<lora:x:1>`` tags),
+  ``has_prompt_editing`` (``[a:b:0.5]``, ``[a|b]``), ``encode_prompts`` (the core's A1111
+  prompt encoder: emphasis, long prompts; embeddings for ``pipe(...)``).
 - Folders: ``walk_models`` (``os.walk`` of a model folder, bounded: links followed once,
   ``/proc``-like and unreadable folders skipped; ``TreeTooBig`` past the limits).
 - Caching and output: ``per_file_version``, ``cache_dir``, ``atomic_write``,
@@ -33,7 +38,7 @@ import torch: validation and ``--dry-run`` load every plugin without it.
 from __future__ import annotations
 
 from render.configs import source_dir as shipped_config_source
-from render.errors import FieldError, FieldErrors, raise_all
+from render.errors import FieldError, FieldErrors, UserError, raise_all
 from render.fields import (
     FieldContext,
     describe,
@@ -49,7 +54,7 @@ from render.folders import TreeTooBig
 from render.folders import walk as walk_models
 from render.hashing import cache_dir, per_file_version
 from render.hookspecs import hookimpl
-from render.images import load_image
+from render.images import first_frame, frame_count, frame_files, load_frames, load_image
 from render.kinds import ModelKind
 from render.metadata import (
     exif_bytes,
@@ -62,7 +67,12 @@ from render.metadata import (
     xmp_packet,
 )
 from render.output import atomic_write
-from render.prompts import extra_network_tags, strip_extra_networks
+from render.prompts import (
+    encode_prompts,
+    extra_network_tags,
+    has_prompt_editing,
+    strip_extra_networks,
+)
 from render.runner import RunReport
 from render.tasks import DEFAULT_STRENGTH, Batch, FileRef, Result, Task
 from render.weights import (
@@ -98,12 +108,15 @@ __all__ = [
     "RunReport",
     "Task",
     "TreeTooBig",
+    "UserError",
     "atomic_write",
     "cache_dir",
     "checkpoint_info",
     "describe",
     "detect_family",
+    "encode_prompts",
     "extra_network_tags",
+    "has_prompt_editing",
     "family_text",
     "strip_extra_networks",
     "expect_bool",
@@ -123,6 +136,10 @@ __all__ = [
     "xmp_packet",
     "hookimpl",
     "inert_pickle",
+    "first_frame",
+    "frame_count",
+    "frame_files",
+    "load_frames",
     "load_image",
     "load_state_dict",
     "per_file_version",

@@ -633,7 +633,7 @@ class Engine:
             kwargs.update(height=first.height, width=first.width)
         if inits is not None:
             kwargs["image"] = (torch.cat(inits) if _is_tensor(inits[0]) else list(inits))
-        elif first.image:
+        elif first.image and "image" in params:   # video-to-video pipelines take ``video``
             kwargs["image"] = [load_image(t.image, t.width, t.height, "RGB") for t in tasks]
         strength = _call_strength(first, params, init=inits is not None)
         if strength is not None:

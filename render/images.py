@@ -1,5 +1,7 @@
-"""Input images (img2img sources, masks, depth-to-image inits) as a pipeline takes them, and
-the first frame of an output (grid sheets and gallery thumbnails of animations)."""
+"""Input images (img2img sources, masks, depth-to-image inits) as a pipeline takes them, the
+frames of an animated input (a GIF, animated WebP, video or folder of images: video-to-video,
+ControlNet over frames), and the first frame of an output (grid sheets and gallery thumbnails
+of animations)."""
 
 from __future__ import annotations
 
@@ -13,17 +15,75 @@ from render.hashing import per_file_version
 
 def load_image(path: str, width: int, height: int, mode: str = "RGB") -> Any:
     """A new PIL image of ``path`` in ``mode``, resized to the task's size with Lanczos
-    (A1111's resize for inputs whose size differs); an unreadable file is one line."""
+    (A1111's resize for inputs whose size differs); an unreadable file is one line. Of an
+    animated input (GIF, WebP, video) this is the first frame."""
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im = im.convert(mode)
-            if im.size != (width, height):
-                im = im.resize((width, height), Image.Resampling.LANCZOS)
-            return im
+        im = first_frame(path).convert(mode)
     except OSError as exc:
         raise UserError(f"{path}: cannot read image: {exc}") from exc
+    if im.size != (width, height):
+        im = im.resize((width, height), Image.Resampling.LANCZOS)
+    return im
+
+
+#: The image files a folder of frames is made of, in file-name order.
+FRAME_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+
+
+def frame_files(folder: str | Path) -> list[Path]:
+    """The frames of a folder of images, sorted by name (``0001.png``, ``0002.png`` ...)."""
+    return sorted((p for p in Path(folder).iterdir()
+                   if p.suffix.lower() in FRAME_SUFFIXES and not p.name.startswith(".")),
+                  key=lambda p: p.name)
+
+
+def frame_count(path: str | Path) -> int:
+    """How many frames an input holds (1 for a still image), torch-free; ``OSError`` when
+    it cannot be read. A video is decoded to count (its header may not say)."""
+    from PIL import Image
+
+    from render.metadata import VIDEO_SUFFIXES
+
+    path = Path(path)
+    if path.is_dir():
+        return len(frame_files(path))
+    if path.suffix.lower() in VIDEO_SUFFIXES:
+        return len(_decode_video(path))
+    with Image.open(path) as im:
+        return int(getattr(im, "n_frames", 1))
+
+
+def load_frames(path: str | Path, width: int, height: int, *,
+                limit: int | None = None) -> list[Any]:
+    """The first ``limit`` (all: None) frames of an input as RGB PIL images at the task's
+    size (Lanczos, as :func:`load_image`): every frame of a GIF, animated WebP, video or
+    folder of images; a still image is one frame. Unreadable: one line (UserError)."""
+    from PIL import Image, ImageSequence
+
+    from render.metadata import VIDEO_SUFFIXES
+
+    path = Path(path)
+    try:
+        if path.is_dir():
+            frames = []
+            for file in frame_files(path)[:limit]:
+                with Image.open(file) as im:
+                    frames.append(im.convert("RGB"))
+        elif path.suffix.lower() in VIDEO_SUFFIXES:
+            frames = _decode_video(path, limit=limit)
+        else:
+            with Image.open(path) as im:
+                frames = [f.convert("RGB") for _, f in zip(
+                    range(limit or 1 << 30), ImageSequence.Iterator(im), strict=False)]
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read frames: {exc}") from exc
+    if not frames:
+        raise UserError(f"{path}: no frame to read")
+    return [f if f.size == (width, height) else f.resize((width, height),
+                                                          Image.Resampling.LANCZOS)
+            for f in frames]
 
 
 def check_image(path: str | Path) -> None:
@@ -44,6 +104,14 @@ def _decode(path: Path) -> str | None:
     costs gigabytes to decode, and no render needs one that large."""
     from PIL import Image
 
+    from render.metadata import VIDEO_SUFFIXES
+
+    if path.suffix.lower() in VIDEO_SUFFIXES:   # a video input: its first frame decodes
+        try:
+            _decode_video(path, limit=1)
+        except OSError as exc:
+            return f"{path} cannot be decoded as a video: {exc}"
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

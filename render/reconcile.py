@@ -43,6 +43,8 @@ from render.tasks import Task, task_from_json
 
 EXTRA_KEY = metadata.EXTRA_KEY
 IMAGE_SUFFIXES = frozenset({".png", ".webp", ".jpg", ".jpeg"})
+#: What a rebuild of a lost ledger looks at: images, GIF and video animations.
+OUTPUT_SUFFIXES = IMAGE_SUFFIXES | {".gif"} | metadata.VIDEO_SUFFIXES
 #: The stem of a file ``move_aside`` made: never taken for an output again.
 CHANGED_RE = re.compile(r"\.changed-\d{8}-\d{6}(?:-\d+)?$")
 
@@ -110,7 +112,8 @@ def read_provenance(path: Path, *, whole: bool = False) -> dict[str, Any] | None
     not an image, carries none, or (``whole``) is not complete.
 
     PNG: read from the chunks before the pixels, where render writes them, without decoding;
-    ``whole`` checks every chunk's CRC. JPEG/WebP: ``whole`` decodes the image.
+    ``whole`` checks every chunk's CRC. JPEG/WebP/GIF: ``whole`` decodes the image, every
+    frame of an animation (a GIF cut short decodes its first frames only).
     """
     from PIL import Image
 
@@ -126,6 +129,9 @@ def read_provenance(path: Path, *, whole: bool = False) -> dict[str, Any] | None
                     im.verify()   # every chunk's CRC, without decoding
                 elif whole:
                     im.load()
+                    for frame in range(1, int(getattr(im, "n_frames", 1))):
+                        im.seek(frame)
+                        im.load()
             if fmt == "PNG":
                 prov = json.loads(raw) if isinstance(raw, str) else None
             else:
@@ -288,8 +294,8 @@ def set_aside(root: Path) -> Path:
 
 
 def rebuild(ledger: Ledger, root: Path) -> int:
-    """Record every image below ``root`` that carries render's provenance and is whole (its
-    extra outputs with it); returns how many tasks were recovered.
+    """Record every image or animation below ``root`` that carries render's provenance and
+    is whole (its extra outputs with it); returns how many tasks were recovered.
 
     Hidden folders, symlinked folders and nested output roots (their own ``render.db``) are
     not entered; ``.changed-`` copies are not outputs.
@@ -303,7 +309,7 @@ def rebuild(ledger: Ledger, root: Path) -> int:
                          and not os.path.lexists(os.path.join(folder, d, DB_NAME)))
         for name in sorted(names):
             path = Path(folder) / name
-            if (name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES
+            if (name.startswith(".") or path.suffix.lower() not in OUTPUT_SUFFIXES
                     or CHANGED_RE.search(path.stem) or path in recorded
                     or not _plain_file(path)):
                 continue

@@ -297,7 +297,9 @@ def replay_image(args: Any) -> int:
         raise UserError(f"{image}: the replay failed: {type(exc).__name__}: {exc}") from None
     out_dir = Path(args.out) if args.out else Path(image).parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f"{Path(image).stem}-replay.png"
+    fmt = animation_format(image) if len(result.images) > 1 else "png"
+    suffix = Path(image).suffix.lower() if fmt != "png-frames" else ".png"
+    target = out_dir / f"{Path(image).stem}-replay{suffix if fmt != 'png' else '.png'}"
     described = engine.describe()
     infotext = prov.get("infotext")
     new_prov = metadata.provenance(
@@ -305,10 +307,26 @@ def replay_image(args: Any) -> int:
         device=described.get("device", ""), timings=result.timings,
         infotext=infotext if isinstance(infotext, str) else "")
     new_prov["replay_of"] = str(image)
-    atomic_write(target, lambda p: metadata.save_image(result.images[0], p, "png", new_prov))
-    verdict, within = compare(image, result.images[0])
-    print(f"replayed {image} -> {target}: {verdict}")
+    if fmt == "png":
+        atomic_write(target, lambda p: metadata.save_image(result.images[0], p, "png", new_prov))
+        written = [target]
+    else:   # an animation: written in the original's format by the plugin that owns it
+        result.provenance = new_prov
+        result.extras.clear()
+        written = plugins.pm.hook.write_output(result=result, path=target, fmt=fmt) or []
+        if not written:
+            raise UserError(f"{image}: no plugin writes the {fmt} format of this animation")
+    verdict, within = compare_frames(image, result.images)
+    print(f"replayed {image} -> {written[0]}: {verdict}")
     return EXIT_OK if within else EXIT_FAILED
+
+
+def animation_format(image: str) -> str:
+    """The ``output.format`` an animation was written in, from its file: a PNG holding a
+    whole animation's provenance is frame 0 of png-frames."""
+    suffix = Path(image).suffix.lower()
+    return {".gif": "gif", ".mp4": "mp4", ".webp": "webp", ".png": "png-frames"}.get(
+        suffix, suffix.lstrip("."))
 
 
 def show_image(image: str) -> int:
@@ -344,6 +362,26 @@ def _shown(value: Any) -> str:
 #: What "the same image" means: the same task in another batch, or alone, may differ by float
 #: noise of the batch size (at most 1/255 in a few pixels on the CPU).
 TOLERANCE = 1
+
+
+def compare_frames(original: str, frames: list[Any]) -> tuple[str, bool]:
+    """:func:`compare` for every frame: a png-frames original (``<name>-0000.png``) is
+    compared frame by frame with its siblings ``<name>-0001.png`` ...; a still as one."""
+    if len(frames) == 1 or Path(original).suffix.lower() != ".png":
+        return compare(original, frames[0])
+    path = Path(original)
+    stem = path.stem[:-5] if re.search(r"-\d{4}$", path.stem) else path.stem
+    worst: tuple[str, bool] = ("identical pixels", True)
+    for i, frame in enumerate(frames):
+        sibling = path.with_name(f"{stem}-{i:04}.png")
+        if not sibling.is_file():
+            return f"not compared: frame {i} of the original ({sibling.name}) is missing", True
+        verdict, within = compare(str(sibling), frame)
+        if not within:
+            return f"frame {i}: {verdict}", False
+        if verdict != "identical pixels":
+            worst = (verdict, within)
+    return f"{len(frames)} frames, {worst[0]}", worst[1]
 
 
 def compare(original: str, replayed: Any) -> tuple[str, bool]:

@@ -193,34 +193,29 @@ def test_the_ledger_records_every_file_and_a_second_run_skips(run):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
-@pytest.mark.parametrize("fmt", ["gif", "webp", "png-frames"])
-def test_replay_of_an_animation_reproduces_it(run, fmt, tmp_path, capsys):
+@pytest.mark.parametrize("fmt", ["gif", "webp", "png-frames", "mp4"])
+def test_replay_of_an_animation_writes_it_again_in_its_format(run, fmt, tmp_path, capsys):
+    """The replay is the whole animation, in the original's format, with its metadata;
+    png-frames (lossless) are compared frame by frame, the lossy formats are not."""
     path = _main_file(run[2], fmt)
     code = main(["--replay", str(path), "--plugins-dir", str(FIXTURE), "--out", str(tmp_path),
                  "-q"])
-    said = capsys.readouterr().out
-    assert code == 0, said
-    (replayed,) = tmp_path.glob("*-replay.png")
-    first = _frames(path)[0][0].astype(int)
-    again = np.asarray(Image.open(replayed).convert("RGB")).astype(int)
-    tolerance = 1 if fmt == "png-frames" else 12   # gif/webp are lossy
-    assert np.abs(first - again).mean() <= tolerance
-    if fmt == "png-frames":
-        assert "identical pixels" in said or "within" in said
-
-
-def test_replay_of_an_mp4_renders_it_again_without_comparing_lossy_pixels(run, tmp_path,
-                                                                         capsys):
-    path = _main_file(run[2], "mp4")
-    code = main(["--replay", str(path), "--plugins-dir", str(FIXTURE), "--out", str(tmp_path),
-                 "-q"])
     captured = capsys.readouterr()
-    assert code == 0, captured.err
+    said = captured.out
+    assert code == 0, said
     assert "Traceback" not in captured.err
-    assert "not compared: the original is a video" in captured.out
-    (replayed,) = tmp_path.glob("*-replay.png")
-    first = _frames(path)[0][0].astype(int)
-    assert np.abs(first - np.asarray(Image.open(replayed).convert("RGB")).astype(int)).mean() < 12
+    if fmt == "png-frames":
+        replayed = tmp_path / f"{path.stem}-replay-0000.png"
+        assert "identical pixels" in said or "within" in said
+    else:
+        (replayed,) = tmp_path.glob(f"*-replay.{fmt}")
+        assert "not compared" in said
+    before, after = _frames(path)[0], _frames(replayed)[0]
+    assert len(after) == len(before) > 1
+    tolerance = 1 if fmt == "png-frames" else 12   # gif/webp/mp4 are lossy
+    for a, b in zip(before, after, strict=True):
+        assert np.abs(a.astype(int) - b.astype(int)).mean() <= tolerance
+    assert metadata.read_metadata(replayed)[0] == metadata.read_metadata(path)[0]
 
 
 def test_an_mp4_is_adopted_when_the_ledger_is_lost(tmp_path, kit):
@@ -238,6 +233,31 @@ def test_an_mp4_is_adopted_when_the_ledger_is_lost(tmp_path, kit):
     with Ledger(tmp_path / "out") as ledger:
         (row,) = ledger.rows(job="mp4")
     assert row.status == "done"
+
+
+def test_animations_of_tasks_gone_from_the_job_are_recovered_into_a_lost_ledger(tmp_path,
+                                                                               kit):
+    """The disk is the truth: with the ledger damaged and the job's prompt changed, the
+    rebuild records every whole GIF and MP4 it finds (and leaves a cut GIF alone)."""
+    job = tmp_path / "job.yaml"
+    job.write_text(_job_text(kit))
+    args = [str(job), "--plugins-dir", str(FIXTURE), "-q"]
+    assert main(args) == 0
+    out = tmp_path / "out"
+    old = {fmt: _main_file(out, fmt) for fmt in ("gif", "mp4")}
+    cut = old["gif"].with_name("cut.gif")
+    cut.write_bytes(old["gif"].read_bytes()[: old["gif"].stat().st_size * 2 // 3])
+    db = out / "render.db"
+    db.write_bytes(db.read_bytes()[: db.stat().st_size // 2])
+    job.write_text(_job_text(kit).replace(PROMPT, "a different prompt")
+                   .replace('name: "{index}"', 'name: "{index}-b"'))
+    assert main(args) == 0
+    for fmt, path in old.items():
+        with Ledger(out) as ledger:
+            rows = ledger.rows(job=fmt)
+        recorded = {p.name for row in rows for p in row.paths}
+        assert len(rows) == 2 and path.name in recorded and "cut.gif" not in recorded
+    assert cut.exists()        # not ours to delete either
 
 
 def test_a_truncated_mp4_is_not_taken_for_whole(tmp_path, run):
