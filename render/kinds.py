@@ -79,19 +79,13 @@ def hash_spec(spec: str) -> tuple[str, int | None]:
 
 
 class CoreKinds:
-    """The kinds the core's own keys need, registered like any plugin's.
-
-    ``motion_module`` and ``motion_lora`` are here only until the AnimateDiff plugin, which
-    will own them, lands.
-    """
+    """The kinds the core's own keys need (``model``, ``vae``), registered like any
+    plugin's."""
 
     @hookimpl
     def register_model_kinds(self, register):  # noqa: ANN001 - the hook's documented shape
         register(ModelKind("checkpoint", ("Stable-diffusion", "checkpoints", "diffusers")))
         register(ModelKind("vae", ("VAE", "vae")))
-        register(ModelKind("motion_module", ("AnimateDiff", "animatediff_models")))
-        register(ModelKind("motion_lora", ("animatediff_motion_lora",), family=True,
-                           hashes={"lora_hash": "addnet:12", "addnet_hash": "addnet"}))
 
 
 core_kinds = CoreKinds()

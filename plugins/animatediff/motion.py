@@ -146,7 +146,7 @@ def _folder_weights(folder: Path) -> Path | None:
     return None
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
+def read_config(folder: Path) -> dict[str, Any]:
     try:
         data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -244,7 +244,7 @@ def detect_version(path: str | Path) -> str:
             raise FieldError(f"{path} is a diffusers pipeline folder, not a motion module")
         if not (path / "config.json").is_file():
             raise FieldError(f"{path}: a folder without config.json is no MotionAdapter")
-        config = _read_config(path)
+        config = read_config(path)
         cls = config.get("_class_name")
         if cls != "MotionAdapter":
             raise FieldError(f"{path} is a diffusers {cls or 'model'} folder, not a motion"
@@ -330,17 +330,17 @@ def single_file_config(path: str | Path, config: str | Path | None = None) -> Pa
     if config is not None:
         folder = Path(config)
         if not (folder / "config.json").is_file() or \
-                _read_config(folder).get("_class_name") != "MotionAdapter":
+                read_config(folder).get("_class_name") != "MotionAdapter":
             raise FieldError(f"motion module config {folder}: not a MotionAdapter folder"
                              " (config.json with _class_name MotionAdapter)")
         return folder
     beside = path.with_suffix("")
     if (beside / "config.json").is_file() and \
-            _read_config(beside).get("_class_name") == "MotionAdapter":
+            read_config(beside).get("_class_name") == "MotionAdapter":
         return beside
     version = detect_version(path)
     folder = config_dir(version)
-    want, got = layout_from_config(_read_config(folder)), layout_from_shapes(read_shapes(path))
+    want, got = layout_from_config(read_config(folder)), layout_from_shapes(read_shapes(path))
     if want != got:
         raise FieldError(
             f"{path}: {VERSION_NAMES[version]}-like motion module whose layout ({_show(got)})"

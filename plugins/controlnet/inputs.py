@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from render.api import FieldError
+from render.api import FieldError, FileRef, first_frame, frame_count, frame_files, load_frames
 
 from .preprocessors import PREPROCESSORS, RUNNERS, Preprocessor, Run, clear_detectors
 from .schema import annotator_label, image_label
@@ -44,11 +44,21 @@ def clear_caches() -> None:
 # -- preflight --------------------------------------------------------------------------------
 
 def image_ref(models: Any, index: int, unit: Mapping[str, Any]) -> Any:
-    """Unit ``index``'s control image (before preprocessing) as a FileRef."""
+    """Unit ``index``'s control image (before preprocessing) as a FileRef: an image, an
+    animation or video (its frames control an animation's frames), or a folder of frames
+    (its sha256: of the frames' sha256s in name order; ``extra["frames"]``: how many)."""
     image = Path(unit["image"])
-    if not image.is_file():
-        raise FieldError(f"file not found: {image}", f"{index}.image")
     try:   # preflight decodes it: a damaged image is an error at its key
+        if image.is_dir():
+            files = frame_files(image)
+            if not files:
+                raise FieldError(f"{image} is a folder without frames (.png, .jpg, .webp)")
+            refs = [models.file_ref("image", str(f), str(f)) for f in files]
+            sha = hashlib.sha256("".join(r.sha256 for r in refs).encode()).hexdigest()
+            return FileRef("image", str(image), str(image), sha, sha[:10],
+                           extra={"frames": len(files)})
+        if not image.is_file():
+            raise FieldError(f"file not found: {image}")
         return models.file_ref("image", str(image), str(image))
     except FieldError as exc:
         raise FieldError(exc.message, f"{index}.image") from None
@@ -61,6 +71,9 @@ def _image_sha(task: Any, index: int, unit: Mapping[str, Any]) -> str:
     if ref is not None and ref.sha256:
         return str(ref.sha256)
     path = Path(unit["image"])
+    if path.is_dir():
+        raise RuntimeError(f"{path}: a folder of control frames reached the render without "
+                           "preflight")
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns)
     if key not in _SHAS:
@@ -83,15 +96,16 @@ def image_identity(task: Any, index: int, unit: Mapping[str, Any]) -> tuple[Any,
 # -- control images ---------------------------------------------------------------------------
 
 def preprocessed(task: Any, index: int, unit: Mapping[str, Any],
-                 device: str | None = None) -> Any:
-    """The preprocessor's output for a unit (PIL RGB), computed once per image and settings.
+                 device: str | None = None, frame: int = 0) -> Any:
+    """The preprocessor's output for a unit (PIL RGB), computed once per image, frame and
+    settings (``frame``: of an animated or video control source; 0 for a still image).
 
     ``device``: where the preprocessor runs when the image is not cached; None: where it ran
     for this image before (see ``_MADE_ON``), else the CPU.
     """
     spec = PREPROCESSORS[unit["preprocessor"]]
     sha, name, settings, resolution, _mode, seed = image_identity(task, index, unit)
-    key = (sha, name, settings, resolution, seed)
+    key = (sha, name, settings, resolution, seed, frame)
     with _LOCK:
         if key in _PREPROCESSED:
             _PREPROCESSED.move_to_end(key)
@@ -99,10 +113,7 @@ def preprocessed(task: Any, index: int, unit: Mapping[str, Any],
             return _PREPROCESSED[key]
         if device is None:
             device = _MADE_ON.get(key, "cpu")
-    from PIL import Image
-
-    with Image.open(unit["image"]) as im:
-        source = _rgb(im)
+    source = _source_frame(unit["image"], sha, frame)
     run = Run(spec, source, dict(settings), resolution, _files_for(task, index, spec), device,
               seed)
     result = _rgb(RUNNERS[spec.runner](run))
@@ -116,11 +127,82 @@ def preprocessed(task: Any, index: int, unit: Mapping[str, Any],
 
 
 def control_image(task: Any, index: int, unit: Mapping[str, Any],
-                  device: str | None = None) -> Any:
+                  device: str | None = None, frame: int = 0) -> Any:
     """The image the ControlNet sees: preprocessed (``device`` as for ``preprocessed``),
-    then fitted to the task's size."""
-    return fit(preprocessed(task, index, unit, device), task.width, task.height,
+    then fitted to the task's size (``frame`` of an animated source)."""
+    return fit(preprocessed(task, index, unit, device, frame), task.width, task.height,
                unit["resize_mode"])
+
+
+#: Decoded control sources (all frames, as read), the two most recent: a video is decoded
+#: once, not once per frame.
+_SOURCES: OrderedDict[str, list[Any]] = OrderedDict()
+
+
+def _source_frame(path: str, sha: str, frame: int) -> Any:
+    """Frame ``frame`` of a control source as RGB (a still image is frame 0)."""
+    from PIL import Image
+
+    source = Path(path)
+    if frame == 0 and source.is_file() and frame_count(source) == 1:
+        with Image.open(source) as im:
+            return _rgb(im)
+    with _LOCK:
+        frames = _SOURCES.get(sha)
+    if frames is None:
+        frames = _read_frames(source)
+        with _LOCK:
+            _SOURCES[sha] = frames
+            while len(_SOURCES) > 2:
+                _SOURCES.popitem(last=False)
+    return frames[frame].copy()
+
+
+def _read_frames(source: Path) -> list[Any]:
+    """Every frame of an animated source at its own size (``load_frames`` resizes: read the
+    first frame's size first)."""
+    from PIL import Image
+
+    if source.is_dir():
+        files = frame_files(source)
+        with Image.open(files[0]) as im:
+            size = im.size
+    else:
+        size = first_frame(source).size
+    return [_rgb(f) for f in load_frames(source, *size)]
+
+
+def frames_of(task: Any, index: int) -> int:
+    """How many frames unit ``index``'s control source holds (1: a still image)."""
+    ref = task.files.get(image_label(index))
+    if ref is not None and (ref.extra or {}).get("frames"):
+        return int(ref.extra["frames"])
+    path = Path(task.sections["controlnet"][index]["image"])
+    return frame_count(path)
+
+
+class ControlFrames(Sequence):
+    """The control images of an animated source, one per frame, preprocessed when first
+    asked for (an animation of 16 frames over a 300-frame video preprocesses 16)."""
+
+    def __init__(self, task: Any, index: int, unit: Mapping[str, Any], device: str) -> None:
+        self.task, self.index, self.unit, self.device = task, index, unit, device
+        self.count = frames_of(task, index)
+        self._made: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, item: Any) -> Any:
+        if isinstance(item, slice):
+            return [self[i] for i in range(*item.indices(self.count))]
+        if not -self.count <= item < self.count:
+            raise IndexError(item)
+        item %= self.count
+        if item not in self._made:
+            self._made[item] = control_image(self.task, self.index, self.unit, self.device,
+                                             frame=item)
+        return self._made[item]
 
 
 def _rgb(image: Any) -> Any:
@@ -189,8 +271,12 @@ def call_inputs(task: Any, acting: Sequence[tuple[int, Mapping[str, Any]]],
             _CALL_INPUTS.move_to_end(key)
             return cached
     device = str(getattr(pipe, "device", "cpu"))
+    # An animation pipeline (diffusers' AnimateDiff ControlNet pipelines take
+    # ``conditioning_frames``) gets every frame of an animated source; a still, the first.
+    frames = "conditioning_frames" in params
     inputs = {
-        image_key: [control_image(task, i, u, device) for i, u in acting],
+        image_key: [ControlFrames(task, i, u, device) if frames and frames_of(task, i) > 1
+                    else control_image(task, i, u, device) for i, u in acting],
         "controlnet_conditioning_scale": [float(u["scale"]) for _, u in acting],
         "control_guidance_start": [float(u["start"]) for _, u in acting],
         "control_guidance_end": [float(u["end"]) for _, u in acting],
