@@ -130,6 +130,19 @@ def _our_page(path: Path) -> bool:
                                or (head.startswith(_LEGACY_PAGE_HEAD) and _LEGACY_PAGE_CSS in head))
 
 
+def _animated(path: Path) -> bool:
+    """Whether ``path`` is a GIF or WebP of more than one frame."""
+    if path.suffix.lower() not in (".gif", ".webp"):
+        return False
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return int(getattr(im, "n_frames", 1)) > 1
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
 def _figure(row: LedgerRow, root: Path, used: set[Path]) -> str:
     info = row.infotext or ""
     label = f"#{row.index} · seed {row.settings.get('seed', '?')} · {row.id[:12]}"
@@ -138,12 +151,17 @@ def _figure(row: LedgerRow, root: Path, used: set[Path]) -> str:
     main = row.paths[0]
     thumb = thumbnail(main, root)
     if thumb is not None and main.suffix.lower() in VIDEO_SUFFIXES:
-        # A video plays in the page (muted, looping), its first frame as the poster; a GIF
-        # or animated WebP shows its first frame and plays when its link is opened.
+        # A video plays in the page (muted, looping), its first frame as the poster.
         used.add(thumb)
         body = (f'<video src="{_href(main, root)}" poster="{_href(thumb, root)}" '
                 f'preload="none" muted loop autoplay playsinline controls '
                 f'title="{_e(info)}"></video>')
+    elif thumb is not None and _animated(main):
+        # A GIF or animated WebP plays in the page as itself (browsers animate <img>; lazy:
+        # only those scrolled to are fetched); its thumbnail is kept for the sheets' sake.
+        used.add(thumb)
+        body = (f'<a href="{_href(main, root)}"><img src="{_href(main, root)}" '
+                f'loading="lazy" alt="{_e(main.name)}" title="{_e(info)}"></a>')
     elif thumb is not None:
         used.add(thumb)
         body = (f'<a href="{_href(main, root)}"><img src="{_href(thumb, root)}" '

@@ -141,7 +141,11 @@ def group_key(task: Task) -> Any:
 def pipeline_class(task: Task, family: str) -> str | None:
     """Name the diffusers pipeline class for this task (first non-None answer wins).
 
-    The core answers last with the family's txt2img/img2img/inpaint pipeline. Example::
+    A name of a diffusers class, or a class itself: the engine makes the task's view with
+    ``cls.from_pipe(resident_base, **components)`` (the AnimateDiff plugin answers a class
+    whose ``from_pipe`` picks its ControlNet variant when a ``controlnet`` component is
+    given). The core answers last with the family's txt2img/img2img/inpaint pipeline.
+    Example::
 
         @hookimpl
         def pipeline_class(task, family):

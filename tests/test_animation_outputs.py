@@ -363,6 +363,14 @@ def test_gif_and_webp_thumbnails_are_their_first_frame(run):
         assert errors.index(min(errors)) == 0 and errors[0] < 12, (fmt, errors)
 
 
+def test_the_gallery_plays_gifs_and_animated_webps_in_the_page(run):
+    out = run[2]
+    page = (out / "index.html").read_text()
+    for fmt in ("gif", "webp"):
+        href = f"{fmt}/0.{fmt}"
+        assert f'<img src="{href}"' in page, fmt         # the animation itself, not a still
+
+
 def test_a_single_image_webp_is_left_to_the_core_still_writer(tmp_path):
     from render.builtin_plugins import animation
 

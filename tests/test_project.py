@@ -89,13 +89,14 @@ def test_demo_job_expands_and_preflights_on_the_kit(kit, tmp_path):
     tasks = resolve_tasks(load_job_file(job, plugins).jobs, plugins)
     assert {t.job for t in tasks} == {"cabins", "lora-weights", "controlnet-house",
                                       "hires-lighthouse", "upscaled-boat", "depth-room",
-                                      "xl-fox"}
-    assert len(tasks) == 31
+                                      "xl-fox", "lantern-animation"}
+    assert len(tasks) == 33
 
 
 def test_catalog_is_a_valid_job_file():
     """Validation passes; only rendering would need the real models."""
     jf = load_job_file(ROOT / "jobs" / "catalog.yaml", load_plugins())
     assert [plan.job.name for plan in jf.jobs] == [
-        "cabins", "portraits", "detail-sweep", "house-canny", "repaint", "xl-foxes", "animals"]
-    assert jf.task_count == 48 + 8 + 4 + 3 + 3 + 8 + 4
+        "cabins", "portraits", "detail-sweep", "house-canny", "repaint", "xl-foxes", "animals",
+        "lantern-clip", "pendulum-restyle"]
+    assert jf.task_count == 48 + 8 + 4 + 3 + 3 + 8 + 4 + 1 + 1
