@@ -11,6 +11,7 @@ from PIL import Image
 
 from render import metadata
 from render.ledger import Ledger, RunLock
+from render.testing.checks import done_count
 from render.testing.processes import render_process as cli
 from render.testing.processes import wait_for
 
@@ -24,16 +25,6 @@ def write_job(tmp_path: Path, kit: Path, body: str) -> Path:
                    "defaults: {model: tiny-sd15, size: 64x64, steps: 2, sampler: Euler a}\n"
                    + body)
     return job
-
-
-def done_count(out: Path) -> int:
-    if not (out / "render.db").exists():
-        return 0
-    try:
-        with Ledger(out) as ledger:
-            return len(ledger.done_keys())
-    except Exception:
-        return 0
 
 
 def check_outputs(out: Path, n: int) -> None:

@@ -26,6 +26,7 @@ from render.api import FieldContext, FieldError
 from render.cli import main
 from render.ledger import Ledger
 from render.tasks import Batch
+from render.testing.checks import done_count, one_located_error
 
 REPO = Path(__file__).resolve().parents[2]
 CTX = FieldContext(base_dir=Path("."), file="job.yaml")
@@ -428,12 +429,7 @@ def test_mistakes_are_one_located_line_before_rendering(tmp_path, job, capsys, e
         f"  - {{name: a, {entry[1:]}\n"
     path = job(body)
     args = [str(path), "-q", "--device", "cpu", *(["--dry-run"] if dry else [])]
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    (line,) = [e for e in err if e.startswith(f"error: {path}:")]
-    assert f": jobs[0].{key}: " in line and words in line, err
-    assert "Traceback" not in "\n".join(err)
-    assert not (tmp_path / "out").exists()
+    one_located_error(args, path, key, words, capsys)
 
 
 def test_dry_run_of_an_animation_imports_no_torch(tmp_path, job):
@@ -464,21 +460,12 @@ def test_kill_9_during_an_animation_then_resume(tmp_path, kit):
     slow = REPO / "tests" / "fixtures" / "slow_writer"
     args = (str(job), "--batch-size", "1", "--plugins-dir", str(slow), "-q")
 
-    def done() -> int:
-        if not (out / "render.db").exists():
-            return 0
-        try:
-            with Ledger(out) as ledger:
-                return len(ledger.done_keys())
-        except Exception:
-            return 0
-
     proc = render_process(*args)          # killed while a GIF's temp file is half written
     wait_for(lambda: any(".tmp-" in p.name for p in out.rglob(".*")) if out.exists()
              else False, proc, timeout=300)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert done() < 4
+    assert done_count(out) < 4
     assert not [p for p in out.rglob("*.gif") if not p.name.startswith(".")
                 and Image.open(p).n_frames != 8]
     proc = render_process(*args)

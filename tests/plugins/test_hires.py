@@ -18,6 +18,7 @@ from render.api import FieldContext, FieldError
 from render.cli import main
 from render.runner import share_first_passes
 from render.tasks import Batch, Task
+from render.testing.checks import one_located_error
 
 CTX = FieldContext(base_dir=Path("."), file="job.yaml")
 
@@ -295,12 +296,7 @@ def test_mistakes_are_one_located_line_before_rendering(tmp_path, job, capsys, e
     write_reference_images(tmp_path / "refs")
     path = job(f"  - name: h\n    {entry}\n")
     args = [str(path), "-q", "--device", "cpu", *(["--dry-run"] if dry else [])]
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    (line,) = [e for e in err if e.startswith(f"error: {path}:")]
-    assert f": jobs[0].{key}: " in line and words in line, err
-    assert "Traceback" not in "\n".join(err)
-    assert not (tmp_path / "out").exists()
+    one_located_error(args, path, key, words, capsys)
 
 
 def test_dry_run_lists_hires_tasks_without_torch(tmp_path, job):
