@@ -19,7 +19,7 @@ import math
 import random
 import re
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -384,6 +384,7 @@ def _job(jf: JobFile, i: int, entry: Any, entry_where: Location | None, defaults
         if axis.key in {a.key for a in zip_axes}:
             err("zip", f"{axis.key!r} is both a grid and a zip axis")
     axis_tops = {a.top for a in grid + zip_axes}
+    output = _animation_format(jf, raw, axis_tops, output, entry, output_defaults, err)
     _check_sampler_pairs(jf, raw, grid + zip_axes, err)
     seeds = _seeds(raw, locations, key_paths, errors, entry)
     if "seed" in axis_tops and _length(seeds) > 1:
@@ -549,6 +550,31 @@ def _sub_location(value: Any, subkey: str, where: Location | None) -> tuple[Loca
                 pass
         break
     return where, _format_subkey(subkey)
+
+
+def _animation_format(jf: JobFile, raw: Mapping[str, Any], axis_tops: set[str],
+                      output: OutputSpec, entry: MarkedMap, defaults: MarkedMap,
+                      err: Callable[..., None]) -> OutputSpec:
+    """A job whose tasks animate (a key registered ``animates=True``, e.g. ``animatediff``)
+    writes ``gif`` unless ``output.format`` says otherwise; a format that holds one image
+    (png, jpg) would keep the first frame only: an error at the key that animates."""
+    animating = sorted(k for (w, k), spec in jf.fields.items()
+                       if w == "task" and spec.animates
+                       and (raw.get(k) is not None or k in axis_tops))
+    if not animating:
+        return output
+    job_output = entry.get("output")
+    given = "format" in defaults or (isinstance(job_output, Mapping) and "format" in job_output)
+    formats = jf.plugins.formats()
+    if not given and "gif" in formats:
+        return dataclasses.replace(output, format="gif")
+    spec = formats.get(output.format)
+    if spec is not None and not spec.animated:
+        animated = ", ".join(n for n, f in sorted(formats.items()) if f.animated)
+        err(animating[0], f"renders an animation, and output.format {output.format} holds "
+                          f"one image (the first frame only): set output.format to one of "
+                          f"{animated}")
+    return output
 
 
 def _output(jf: JobFile, entry: MarkedMap, defaults: MarkedMap, prefix: str,

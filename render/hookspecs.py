@@ -42,7 +42,8 @@ hookimpl = pluggy.HookimplMarker("render")
 # -- load ------------------------------------------------------------------------------------
 @hookspec
 def register_task_fields(register: Callable[..., None]) -> None:
-    """Claim job-file keys. Call ``register(key, validator, *, where="task", doc="", stage=...)``.
+    """Claim job-file keys. Call ``register(key, validator, *, where="task", doc="", stage=...,
+    animates=False)``.
 
     ``validator(value, ctx)`` returns the normalised value or raises
     ``FieldError(message, subkey)``; ``ctx`` is a ``FieldContext`` (both in ``render.api``)
@@ -51,7 +52,10 @@ def register_task_fields(register: Callable[..., None]) -> None:
     key acts only on the rendered images (in ``postprocess``): tasks that differ only in such
     keys render their first pass once and each is postprocessed from a copy (a grid over
     upscalers renders once); label the files such a key's ``task_files`` returns
-    ``"<key>:..."``. A key nobody claims is an error with a did-you-mean. Example::
+    ``"<key>:..."``. ``animates=True`` says a task with the key (not null) renders an
+    animation: its job's ``output.format`` defaults to ``gif`` and a still format (png, jpg)
+    there is an error at the key. A key nobody claims is an error with a did-you-mean.
+    Example::
 
         @hookimpl
         def register_task_fields(register):

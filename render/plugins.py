@@ -55,6 +55,7 @@ class FieldSpec:
     where: str = "task"
     doc: str = ""
     stage: str = "render"   # "post": acts on the rendered images only (upscale, hires fix)
+    animates: bool = False  # a task with this key renders an animation (AnimateDiff)
 
 
 @dataclass(frozen=True)
@@ -326,12 +327,14 @@ def _gather(plugins: Plugins, hook_name: str, what: str,
 def _collect_fields(plugins: Plugins) -> dict[tuple[str, str], FieldSpec]:
     def make_register(add: Callable[[Any, str, Any], None], name: str) -> Callable[..., None]:
         def register(key: str, validator: Callable[[Any, Any], Any], *,
-                     where: str = "task", doc: str = "", stage: str = "render") -> None:
+                     where: str = "task", doc: str = "", stage: str = "render",
+                     animates: bool = False) -> None:
             if stage not in ("render", "post"):
                 raise PluginError(name, "register_task_fields",
                                   f"key {key!r}: stage must be 'render' or 'post', got {stage!r}")
             checked = _naming(validator, name, f"the validator of {key!r}")
-            add((where, key), key, FieldSpec(key, checked, name, where, doc, stage))
+            add((where, key), key, FieldSpec(key, checked, name, where, doc, stage,
+                                             bool(animates)))
         return register
 
     return {key: spec for key, (_, spec) in

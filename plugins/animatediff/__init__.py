@@ -61,7 +61,7 @@ from render.api import (
 )
 
 from . import motion
-from .schema import KEY, keyframes, validate_section
+from .schema import KEY, keyframes, prompt_travel_lines, validate_section
 
 #: What the AnimateDiff view's motion modules are switched by (see the docstring).
 _LABEL = f"{KEY}:motion_module"
@@ -77,7 +77,7 @@ def register_model_kinds(register: Any) -> None:
 
 @hookimpl
 def register_task_fields(register: Any) -> None:
-    register(KEY, validate_section,
+    register(KEY, validate_section, animates=True,
              doc="animation: motion_module, frames, fps, loop, context, prompt_travel, "
                  "motion_lora, decode_chunk_size, free_init")
 
@@ -288,6 +288,17 @@ def postprocess(result: Any, task: Any) -> Any:
     result.fps = section["fps"]
     result.loop = section["loop"]
     return result
+
+
+@hookimpl
+def infotext_prompt(task: Any, prompt: str) -> str | None:
+    """A ``prompt_travel:`` mapping as sd-webui-animatediff's ``<frame>: prompt`` lines: its
+    keyframes are the whole prompts the animation used (the task's prompt was not), and
+    A1111 with the extension renders them again from the pasted lines."""
+    section = task.sections.get(KEY)
+    if not section or not section["prompt_travel"] or prompt_travel_lines(prompt):
+        return None
+    return "\n".join(f"{frame}: {text}" for frame, text in section["prompt_travel"].items())
 
 
 @hookimpl

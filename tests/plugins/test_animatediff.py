@@ -346,7 +346,8 @@ def test_every_format_holds_the_frames_at_their_rate_with_metadata(tmp_path, job
         "    output: {format: gif}\n"
         f"  - name: webp\n    animatediff: {MM}, fps: 12}}\n    output: {{format: webp}}\n"
         f"  - name: mp4\n    animatediff: {MM}, fps: 12}}\n    output: {{format: mp4}}\n"
-        f"  - name: frames\n    animatediff: {MM}}}\n    output: {{format: png-frames}}\n")
+        f"  - name: frames\n    animatediff: {MM}}}\n    output: {{format: png-frames}}\n"
+        f"  - name: travel\n    animatediff: {MM}, prompt_travel: {{0: a barn, 4: a silo}}}}\n")
     assert main([str(path), "-q", "--device", "cpu"]) == 0
     out = tmp_path / "out"
     (gif,) = (out / "gif").glob("*.gif")
@@ -378,6 +379,9 @@ def test_every_format_holds_the_frames_at_their_rate_with_metadata(tmp_path, job
         assert fields["AnimateDiff"].startswith("enable: True, model: tiny-motion-sd15")
         assert "video_length: 6" in fields["AnimateDiff"]
         assert prov["task"]["animatediff"]["frames"] == 6
+    (travel,) = (out / "travel").glob("*.gif")   # no output.format: an animation is a GIF
+    text, _ = metadata.read_metadata(travel)
+    assert metadata.parse_infotext(text)[0] == "0: a barn\n4: a silo"   # as A1111 pastes it
 
 
 def test_replay_of_an_animation_reproduces_every_frame(tmp_path, job, capsys):
@@ -416,6 +420,8 @@ def test_replay_of_an_animation_reproduces_every_frame(tmp_path, job, capsys):
     ("{model: tiny-sdxl, animatediff: {motion_module: tiny-motion-sdxl, context: 8}}",
      "animatediff.context", "SD1.5"),
     ("{image: refs/house.png, animatediff: tiny-motion-sd15}", "image", "a still image"),
+    ("{output: {format: png}, animatediff: tiny-motion-sd15}", "animatediff",
+     "output.format png holds one image"),
     ("{image: refs/house.png, mask: refs/mask.png, animatediff: tiny-motion-sd15}", "mask",
      "no inpainting"),
 ])
