@@ -185,6 +185,57 @@ def test_a_motion_lora_changes_the_motion_and_weight_0_is_none(kit, plugins, eng
     assert np.abs(plain - none).max() <= 1
 
 
+def test_an_embedding_acts_in_an_animation(kit, plugins, engine, job):
+    path = job(f"  - name: plain\n    animatediff: {MM}}}\n"
+               f"  - name: emb\n    prompt: a tiny-emb house\n    animatediff: {MM}}}\n"
+               f"  - name: word\n    prompt: a tiny house\n    animatediff: {MM}}}\n")
+    tasks = by_job(tasks_of(path, plugins))
+    assert "embedding:tiny-emb" in tasks["emb"][0].files
+    (emb,) = frames(engine, *tasks["emb"])
+    (word,) = frames(engine, *tasks["word"])
+    assert np.abs(emb - word).mean() > 1          # the embedding's vectors, not its name
+
+
+def test_out_of_memory_splits_the_batch_then_turns_on_the_savers(kit, plugins, job):
+    """The engine's OOM fallbacks apply to animations: a CPU allocation failure in the motion
+    UNet splits the batch, then turns on attention slicing; the frames come out the same."""
+    import torch
+
+    from render.engine import Engine
+
+    path = job(f"  - name: a\n    seeds: [1, 2]\n    animatediff: {MM}}}\n")
+    tasks = tasks_of(path, plugins)
+    eng = Engine(plugins.pm, device="cpu", dtype="float32")
+    try:
+        clean = frames(eng, *tasks)
+        res = eng.residents[tasks[0].files["model"].path]
+        unet = eng.pipeline_for(res, tasks[0]).unet
+        raised: list[int] = []
+        original = unet.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if len(raised) < 2:
+                raised.append(1)
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                                   "allocate 1073741824 bytes. Error code 12")
+            return original(*args, **kwargs)
+
+        unet.forward = forward
+        try:
+            results = eng.render(Batch(("t",), tuple(tasks)))
+        finally:
+            del unet.forward
+        notes = {n for r in results for n in r.notes}
+        assert len(raised) == 2 and "attention slicing" in notes
+        assert any(n.startswith("batch split 2->1") for n in notes), notes
+        for result, before in zip(results, clean, strict=True):
+            after = np.stack([np.asarray(im, dtype=np.int16) for im in result.images])
+            assert np.abs(after - before).max() <= 2
+    finally:
+        eng.close()
+        torch.set_num_threads(1)
+
+
 def test_long_animations_render_through_context_windows_split_or_not(kit, plugins, engine, job):
     ctx = "motion_module: tiny-motion-sd15, frames: 40, context: {length: 8, stride: 4}"
     path = job(f"  - name: split\n    animatediff: {{{ctx}}}\n"
