@@ -93,11 +93,13 @@ def expect_bool(value: Any) -> bool:
     return value
 
 
-def expect_file(value: Any, ctx: FieldContext, *, what: str = "a file path") -> str:
-    """A path relative to the job file's folder that must exist; returned absolute."""
+def expect_file(value: Any, ctx: FieldContext, *, what: str = "a file path",
+                folders: bool = False) -> str:
+    """A path relative to the job file's folder that must exist (a file, or with
+    ``folders`` a folder too); returned absolute."""
     text = expect_str(value, what=what, allow_empty=False)
     path = (ctx.base_dir / text).resolve() if not Path(text).is_absolute() else Path(text)
-    if not path.is_file():
+    if not (path.is_file() or (folders and path.is_dir())):
         raise FieldError(f"file not found: {text} (looked at {path})")
     return str(path)
 

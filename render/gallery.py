@@ -134,11 +134,10 @@ def _animated(path: Path) -> bool:
     """Whether ``path`` is a GIF or WebP of more than one frame."""
     if path.suffix.lower() not in (".gif", ".webp"):
         return False
-    from PIL import Image
+    from render.images import frame_count
 
     try:
-        with Image.open(path) as im:
-            return int(getattr(im, "n_frames", 1)) > 1
+        return frame_count(path) > 1
     except (OSError, ValueError, SyntaxError):
         return False
 

@@ -6,6 +6,7 @@ of animations)."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,14 @@ def load_image(path: str, width: int, height: int, mode: str = "RGB") -> Any:
     animated input (GIF, WebP, video) this is the first frame."""
     from PIL import Image
 
+    from render.metadata import VIDEO_SUFFIXES
+
     try:
-        im = first_frame(path).convert(mode)
+        if Path(path).suffix.lower() in VIDEO_SUFFIXES:
+            im = first_frame(path).convert(mode)
+        else:   # straight to ``mode``: a 16-bit or palette mask is not first made RGB
+            with Image.open(path) as source:
+                im = source.convert(mode)
     except OSError as exc:
         raise UserError(f"{path}: cannot read image: {exc}") from exc
     if im.size != (width, height):
@@ -41,25 +48,33 @@ def frame_files(folder: str | Path) -> list[Path]:
 
 def frame_count(path: str | Path) -> int:
     """How many frames an input holds (1 for a still image), torch-free; ``OSError`` when
-    it cannot be read. A video is decoded to count (its header may not say)."""
+    it cannot be read. Remembered per file version: preflight asks for every task, and a
+    video is decoded to count (its header may not say)."""
+    return _frame_count(Path(path))
+
+
+def _count_frames(path: Path) -> int:
     from PIL import Image
 
     from render.metadata import VIDEO_SUFFIXES
 
-    path = Path(path)
     if path.is_dir():
         return len(frame_files(path))
     if path.suffix.lower() in VIDEO_SUFFIXES:
-        return len(_decode_video(path))
+        return sum(1 for _ in _video_frames(path, images=False))
     with Image.open(path) as im:
         return int(getattr(im, "n_frames", 1))
 
 
-def load_frames(path: str | Path, width: int, height: int, *,
+_frame_count = per_file_version(_count_frames)
+
+
+def load_frames(path: str | Path, width: int | None = None, height: int | None = None, *,
                 limit: int | None = None) -> list[Any]:
-    """The first ``limit`` (all: None) frames of an input as RGB PIL images at the task's
-    size (Lanczos, as :func:`load_image`): every frame of a GIF, animated WebP, video or
-    folder of images; a still image is one frame. Unreadable: one line (UserError)."""
+    """The first ``limit`` (all: None) frames of an input as RGB PIL images, at the task's
+    size when ``width`` and ``height`` are given (Lanczos, as :func:`load_image`), else each
+    at its own: every frame of a GIF, animated WebP, video or folder of images; a still
+    image is one frame. Unreadable: one line (UserError)."""
     from PIL import Image, ImageSequence
 
     from render.metadata import VIDEO_SUFFIXES
@@ -81,6 +96,8 @@ def load_frames(path: str | Path, width: int, height: int, *,
         raise UserError(f"{path}: cannot read frames: {exc}") from exc
     if not frames:
         raise UserError(f"{path}: no frame to read")
+    if width is None or height is None:
+        return frames
     return [f if f.size == (width, height) else f.resize((width, height),
                                                           Image.Resampling.LANCZOS)
             for f in frames]
@@ -153,18 +170,27 @@ def video_frames(path: str | Path) -> list[Any]:
 
 
 def _decode_video(path: Path, limit: int | None = None) -> list[Any]:
-    """The first ``limit`` frames (all: None) of a video, at least one, or ``OSError``."""
-    frames: list[Any] = []
+    """The first ``limit`` frames (all: None) of a video as RGB PIL images, at least one, or
+    ``OSError``."""
+    return list(_video_frames(path, limit))
+
+
+def _video_frames(path: Path, limit: int | None = None, *, images: bool = True
+                  ) -> Iterator[Any]:
+    """The first ``limit`` (all: None) frames of a video's first stream, at least one: RGB
+    PIL images, or PyAV's own frames when not ``images`` (counting needs no conversion);
+    ``OSError`` when it cannot be read (a truncated file fails here)."""
+    count = 0
     try:
         import av
 
         with av.open(str(path)) as container:
             for frame in container.decode(video=0):
-                frames.append(frame.to_image().convert("RGB"))
-                if limit is not None and len(frames) >= limit:
+                count += 1
+                yield frame.to_image().convert("RGB") if images else frame
+                if limit is not None and count >= limit:
                     break
     except Exception as exc:  # noqa: BLE001 - PyAV's errors: any means "cannot be read"
         raise OSError(f"{path}: cannot decode video: {exc}") from exc
-    if not frames:
+    if not count:
         raise OSError(f"{path}: no video frame")
-    return frames

@@ -297,9 +297,9 @@ def replay_image(args: Any) -> int:
         raise UserError(f"{image}: the replay failed: {type(exc).__name__}: {exc}") from None
     out_dir = Path(args.out) if args.out else Path(image).parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    fmt = animation_format(image) if len(result.images) > 1 else "png"
-    suffix = Path(image).suffix.lower() if fmt != "png-frames" else ".png"
-    target = out_dir / f"{Path(image).stem}-replay{suffix if fmt != 'png' else '.png'}"
+    formats = plugins.formats()
+    fmt = animation_format(image, formats) if len(result.images) > 1 else "png"
+    target = out_dir / f"{Path(image).stem}-replay{formats[fmt].extension}"
     described = engine.describe()
     infotext = prov.get("infotext")
     new_prov = metadata.provenance(
@@ -321,12 +321,15 @@ def replay_image(args: Any) -> int:
     return EXIT_OK if within else EXIT_FAILED
 
 
-def animation_format(image: str) -> str:
-    """The ``output.format`` an animation was written in, from its file: a PNG holding a
-    whole animation's provenance is frame 0 of png-frames."""
+def animation_format(image: str, formats: Mapping[str, Any]) -> str:
+    """The ``output.format`` an animation was written in: the animated format registered
+    for its file's extension (a PNG holding a whole animation's provenance is frame 0 of
+    png-frames); UserError when no plugin writes animations with that extension."""
     suffix = Path(image).suffix.lower()
-    return {".gif": "gif", ".mp4": "mp4", ".webp": "webp", ".png": "png-frames"}.get(
-        suffix, suffix.lstrip("."))
+    names = sorted(n for n, spec in formats.items() if spec.animated and spec.extension == suffix)
+    if not names:
+        raise UserError(f"{image}: no plugin writes animations as {suffix or 'this'} files")
+    return names[0]
 
 
 def show_image(image: str) -> int:

@@ -114,14 +114,14 @@ def task_files(task: Any, models: Any) -> dict[str, Any] | None:
 def _module_ref(models: Any, section: dict[str, Any], family: str | None) -> Any:
     name = section["motion_module"]
     path = models.find("motion_module", name)
-    motion.check_module(path, family=family, deep=models.deep_checks)
+    version = motion.check_module(path, family=family, deep=models.deep_checks)
     config = (models.alias("motion_module", name) or {}).get("config")
     folder = models.find("motion_module", str(config)) if config else None
     if path.is_file():
         folder = motion.single_file_config(path, folder)
     ref = models.file_ref("motion_module", name, path)
     frames = motion.layout_from_config(motion.read_config(folder or path))["seq"]
-    extra = {**ref.extra, "version": motion.detect_version(path), "window": frames}
+    extra = {**ref.extra, "version": version, "window": frames}
     if folder is not None:
         extra["config"] = str(folder)
     return dataclasses.replace(ref, extra=extra)

@@ -41,6 +41,7 @@ from render.api import (
     ModelKind,
     inert_pickle,
     load_state_dict,
+    per_file_version,
     safetensors_metadata,
     tensor_shapes,
 )
@@ -114,11 +115,20 @@ def _unwrap(obj: Any) -> Any:
 
 
 def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape of a single weight file, without torch and without running code.
+    """Tensor name -> shape of a single weight file, without torch and without running code
+    (remembered per file version: preflight asks for every task, and reading an original
+    ``.ckpt`` reads the whole pickle; do not change the dict).
 
     FieldError (naming the file) for an unreadable file or a pickle naming globals a weights
     file never holds (it would run code: torch's weights-only unpickler refuses it too)."""
-    path = Path(path)
+    try:
+        return _shapes(Path(path))
+    except OSError as exc:   # gone or unreadable: the stat of the per-version cache
+        raise FieldError(f"{path}: not a readable weight file ({type(exc).__name__}: {exc})"
+                         ) from None
+
+
+def _read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     try:
         if path.suffix.lower() in PICKLE_EXTS:
             obj, foreign = inert_pickle(path)
@@ -137,6 +147,9 @@ def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     except Exception as exc:  # noqa: BLE001 - damaged or foreign file, said plainly
         raise FieldError(f"{path}: not a readable weight file ({type(exc).__name__}: {exc})"
                          ) from None
+
+
+_shapes = per_file_version(_read_shapes)
 
 
 def _folder_weights(folder: Path) -> Path | None:

@@ -51,13 +51,10 @@ class Travel:
     clip_skip: int
 
 
-def selector(family: str, video: bool) -> type:
-    """The ``pipeline_class`` answer for a task: its ``from_pipe`` makes the view."""
-    return _selector(family, video)
-
-
 @cache
-def _selector(family: str, video: bool) -> type:
+def selector(family: str, video: bool) -> type:
+    """The ``pipeline_class`` answer for a task (one class per family and kind): its
+    ``from_pipe`` makes the view."""
     def from_pipe(cls: type, pipe: Any, **components: Any) -> Any:
         control = components.get("controlnet") is not None
         name = BASES.get((family, video, control))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from typing import Any
 
 #: The spatial parts of each block that :func:`shared_motion_unet` takes from the base UNet.
@@ -35,10 +36,8 @@ def shared_motion_unet(unet: Any, adapter: Any) -> Any:
     modules, sharing their modules (see the module docstring)."""
     import torch
     from accelerate import init_empty_weights
-    from diffusers import UNetMotionModel
-
     with init_empty_weights():
-        motion = _SharedMotionUNet.from_unet2d(unet, adapter, load_weights=False)
+        motion = _shared_unet_class().from_unet2d(unet, adapter, load_weights=False)
     for name in _TOP_PARTS:
         if getattr(unet, name, None) is not None:
             setattr(motion, name, getattr(unet, name))
@@ -56,7 +55,6 @@ def shared_motion_unet(unet: Any, adapter: Any) -> Any:
         raise RuntimeError(f"the motion UNet over {type(unet).__name__} has parts that are "
                            f"not the base UNet's nor the motion module's: {left[:3]}")
     motion._render_base = [unet]   # a list: not registered as a submodule
-    assert isinstance(motion, UNetMotionModel)
     return motion
 
 
@@ -74,7 +72,9 @@ def _take_block(ours: Any, base: Any) -> None:
         setattr(ours, part, torch.nn.ModuleList(list(layers)))
 
 
+@cache
 def _shared_unet_class() -> type:
+    """The SharedMotionUNet class, made on first use (importing diffusers is slow)."""
     from diffusers import UNetMotionModel
 
     class SharedMotionUNet(UNetMotionModel):
@@ -102,20 +102,6 @@ def _shared_unet_class() -> type:
                 base[0]._hf_peft_config_loaded = value
 
     return SharedMotionUNet
-
-
-class _Lazy:
-    """The SharedMotionUNet class, made on first use (importing diffusers is slow)."""
-
-    cls: type | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        if _Lazy.cls is None:
-            _Lazy.cls = _shared_unet_class()
-        return getattr(_Lazy.cls, name)
-
-
-_SharedMotionUNet: Any = _Lazy()
 
 
 # -- split inference ------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from render.api import FieldError, FileRef, first_frame, frame_count, frame_files, load_frames
+from render.api import FieldError, FileRef, frame_count, frame_files, load_frames
 
 from .preprocessors import PREPROCESSORS, RUNNERS, Preprocessor, Run, clear_detectors
 from .schema import annotator_label, image_label
@@ -159,17 +159,8 @@ def _source_frame(path: str, sha: str, frame: int) -> Any:
 
 
 def _read_frames(source: Path) -> list[Any]:
-    """Every frame of an animated source at its own size (``load_frames`` resizes: read the
-    first frame's size first)."""
-    from PIL import Image
-
-    if source.is_dir():
-        files = frame_files(source)
-        with Image.open(files[0]) as im:
-            size = im.size
-    else:
-        size = first_frame(source).size
-    return [_rgb(f) for f in load_frames(source, *size)]
+    """Every frame of an animated source, each at its own size (``fit`` sizes them)."""
+    return [_rgb(f) for f in load_frames(source)]
 
 
 def frames_of(task: Any, index: int) -> int:

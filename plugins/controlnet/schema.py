@@ -6,7 +6,6 @@ Pure Python (no torch): validation and ``--dry-run`` run it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from render.api import (
@@ -84,7 +83,9 @@ def _unit(raw: Any, ctx: FieldContext, prefix: str) -> dict[str, Any]:
     unit: dict[str, Any] = {
         "model": field("model", lambda v: expect_str(v, what="a ControlNet model name",
                                                      allow_empty=False)),
-        "image": field("image", lambda v: _image_or_folder(v, ctx)),
+        # an image, an animation or video, or a folder of frames
+        "image": field("image", lambda v: expect_file(v, ctx, what="an image path",
+                                                      folders=True)),
     }
     spec = field("preprocessor", lambda v: resolve_preprocessor(
         expect_str(v, what="a preprocessor name", allow_empty=False)))
@@ -158,12 +159,3 @@ def annotator_label(index: int, weight: str = "") -> str:
     """The ``task.files`` label of one annotator weight of unit ``index`` (``weight=""``:
     the prefix all of them share)."""
     return f"controlnet:{index}:annotator:{weight}"
-
-
-def _image_or_folder(value: Any, ctx: FieldContext) -> str:
-    """A control image, animation or video file, or a folder of frames (absolute path)."""
-    text = expect_str(value, what="an image path", allow_empty=False)
-    path = Path(text) if Path(text).is_absolute() else (ctx.base_dir / text).resolve()
-    if path.is_dir():
-        return str(path)
-    return expect_file(value, ctx, what="an image path")
