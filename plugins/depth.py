@@ -47,6 +47,7 @@ from render.api import (
     format_number,
     hookimpl,
     load_image,
+    section_axis_label,
 )
 
 KEY = "depth"
@@ -244,3 +245,8 @@ def result_metadata(task: Any, result: Any) -> dict[str, str] | None:
     if depth is None:
         return None
     return {"Denoising strength": format_number(depth["strength"])}
+
+
+@hookimpl
+def axis_label(key: str) -> str | None:
+    return section_axis_label(key, KEY, "Depth", {"strength": "Denoising", "image": "Depth image"})

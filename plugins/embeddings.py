@@ -74,6 +74,7 @@ from render.api import (
     load_state_dict,
     per_file_version,
     quiet_logger,
+    section_axis_label,
     strip_extra_networks,
     tensor_shapes,
     walk_models,
@@ -384,3 +385,8 @@ def result_metadata(task: Task, result: Result) -> dict[str, str] | None:
     if not entries:
         return None
     return {"TI hashes": json.dumps(", ".join(entries), ensure_ascii=False)}
+
+
+@hookimpl
+def axis_label(key: str) -> str | None:
+    return section_axis_label(key, KEY, "Embeddings")

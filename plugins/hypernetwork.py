@@ -123,6 +123,7 @@ from render.api import (
     load_state_dict,
     per_file_version,
     safetensors_metadata,
+    section_axis_label,
     tensor_shapes,
 )
 
@@ -734,3 +735,8 @@ def result_metadata(task: Task, result: Result) -> dict[str, str] | None:
     return {"Hypernet": name,
             "Hypernet hash": (ref.extra.get("a1111_hash") if ref else None) or None,
             "Hypernet strength": format_number(strength)}
+
+
+@hookimpl
+def axis_label(key: str) -> str | None:
+    return section_axis_label(key, KEY, "Hypernetwork")

@@ -102,6 +102,7 @@ from render.api import (
     per_file_version,
     raise_all,
     safetensors_metadata,
+    section_axis_label,
     tensor_shapes,
 )
 
@@ -697,3 +698,8 @@ def result_metadata(task: Task, result: Result) -> dict[str, str] | None:
     if not entries:
         return None
     return {"Lora hashes": json.dumps(", ".join(entries), ensure_ascii=False)}
+
+
+@hookimpl
+def axis_label(key: str) -> str | None:
+    return section_axis_label(key, KEY, "LoRA", {"te": "TE", "unet": "UNet"})

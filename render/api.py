@@ -52,6 +52,7 @@ from render.fields import validate_sampler as expect_sampler
 from render.fields import validate_schedule as expect_schedule
 from render.folders import TreeTooBig
 from render.folders import walk as walk_models
+from render.grids import section_axis_label
 from render.hashing import cache_dir, per_file_version
 from render.hookspecs import hookimpl
 from render.images import first_frame, frame_count, frame_files, load_frames, load_image
@@ -147,6 +148,7 @@ __all__ = [
     "raise_all",
     "shipped_config_source",
     "safetensors_metadata",
+    "section_axis_label",
     "tensor_shapes",
     "walk_models",
 ]

@@ -42,7 +42,7 @@ from render.fields import (
 from render.jobfile import MarkedList, MarkedMap
 from render.models import ALIAS_KEYS as MODEL_MAPPING_KEYS
 from render.plugins import FieldSpec, Plugins
-from render.tasks import DEFAULT_STRENGTH, Job, OutputSpec, Task
+from render.tasks import DEFAULT_STRENGTH, GridSpec, Job, OutputSpec, Task
 
 TOP_LEVEL_KEYS = ("version", "model_dirs", "wildcard_dirs", "models", "output", "defaults",
                   "jobs")
@@ -607,7 +607,11 @@ def _output(jf: JobFile, entry: MarkedMap, defaults: MarkedMap, prefix: str,
                                      f"{describe(value)}" + _did_you_mean(fmt, known))
                 values[key] = fmt
             elif key == "grid":
-                values[key] = expect_bool(value)
+                if isinstance(value, dict):
+                    values["grid"] = True
+                    values["grid_spec"] = _grid_spec(jf, value, raw, path, errors)
+                else:
+                    values[key] = expect_bool(value)
             elif key in plugin_keys:
                 options[key] = jf.fields[("output", key)].validator(value, ctx)
             else:
@@ -624,6 +628,49 @@ def _output(jf: JobFile, entry: MarkedMap, defaults: MarkedMap, prefix: str,
         loc, path = where.get(exc.subkey, (entry.where, f"{prefix}.output.{exc.subkey}"))
         errors.add(loc, path, exc.message)
     return spec
+
+
+GRID_SPEC_KEYS = ("x", "y", "z", "max_pixels")
+
+
+def _grid_spec(jf: JobFile, value: MarkedMap, raw: dict[str, Any], path: str,
+               errors: _Collector) -> GridSpec:
+    """``output.grid: {x: cfg, y: sampler, z: seed, max_pixels: N}``: each of x/y/z must
+    name one of the job's dimensions (a grid or zip axis, ``seed``, ``prompt``), each once.
+
+    The file's own ``output.grid`` serves every job, so there a name only has to be a task
+    key: a job that does not vary it fills that slot from its own dimensions."""
+    names = [str(k) for section in ("grid", "zip") if isinstance(raw.get(section), dict)
+             for k in raw[section]]
+    choices = list(dict.fromkeys([*names, "seed", "prompt"]))
+    shared = path == "output.grid"
+    task_keys = sorted({*BUILTIN_DEFAULTS, "seed", "model", "schedule",
+                        *(k for (w, k) in jf.fields if w == "task")})
+    spec: dict[str, Any] = {}
+    seen: dict[str, str] = {}
+    for sub, item in value.items():
+        loc, sub_path = jobfile.where(value, sub), f"{path}.{sub}"
+        try:
+            if sub == "max_pixels":
+                spec[sub] = expect_int(item, minimum=64 * 64, what="a number of pixels")
+            elif sub in ("x", "y", "z"):
+                name = expect_str(item, what="an axis name", allow_empty=False)
+                if name in seen:
+                    raise FieldError(f"{name!r} is already {seen[name]}")
+                seen[name] = str(sub)
+                if name in choices:
+                    spec[sub] = name
+                elif not shared:
+                    raise FieldError(f"{name!r} is not an axis of this job (axes: "
+                                     f"{', '.join(choices)})" + _did_you_mean(name, choices))
+                elif name.split(".", 1)[0] not in task_keys:
+                    raise FieldError(f"{name!r} is not a task key"
+                                     + _did_you_mean(name, task_keys))
+            else:
+                raise FieldError("unknown key" + _did_you_mean(str(sub), list(GRID_SPEC_KEYS)))
+        except FieldError as exc:
+            errors.add(loc, sub_path, exc.message)
+    return GridSpec(**spec)
 
 
 def _name_fields(raw: dict[str, Any]) -> set[str]:

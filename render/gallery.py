@@ -1,19 +1,25 @@
-"""A static ``index.html`` gallery of an output root, rebuilt from the ledger alone.
+"""The ``index.html`` gallery of an output root, rebuilt from the ledger alone.
 
-Per job: its grid sheets, then every image as a small JPEG thumbnail (kept in ``.thumbs/``,
-rebuilt only when the image is newer) linking to the full file, with its infotext in the
-thumbnail's title and in a ``<details>`` block; then the failed tasks with their errors.
-All links are relative, so the folder can be moved or served as it is; all text is
-HTML-escaped. Pure Python + Pillow: no torch here.
+One self-contained page (its style, script and data inlined; no network request, works from
+``file://``): every job's grid sheets (as the ledger recorded them, so a job not in this run
+keeps its sheets), every image as a 256 px JPEG thumbnail (kept in ``.thumbs/``, made again
+only when the image changes), the failed tasks with their errors. The script
+(``render/static/gallery.js``) filters by job, axis value and text, pages through thousands of
+images, shows one full size with its infotext and a copy button, and compares two side by
+side. All links are relative, so the folder can be moved or served as it is. User text goes
+into a JSON block with ``<`` ``>`` ``&`` escaped and reaches the page as text only.
+Pure Python + Pillow: no torch here.
 """
 
 from __future__ import annotations
 
 import hashlib
 import html
+import json
 import os
 from collections.abc import Iterable, Mapping
 from datetime import datetime
+from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -38,22 +44,12 @@ _LEGACY_PAGE_HEAD = (b'<!doctype html>\n<html lang="en"><head><meta charset="utf
                      b"<title>render: ")
 _LEGACY_PAGE_CSS = b"body{font-family:system-ui,sans-serif;margin:1.5em;background:#fafafa;"
 
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:1.5em;background:#fafafa;color:#222}
-h1{font-size:1.4em}h2{margin-top:2em;border-bottom:1px solid #ccc}
-.grid,.images{display:flex;flex-wrap:wrap;gap:12px}
-figure{margin:0;width:260px}figure img,figure video{max-width:256px;max-height:256px;display:block}
-.grid figure{width:auto}.grid figure img{max-width:512px;max-height:512px}
-figcaption{font-size:.8em;color:#555;word-break:break-all}
-details pre,.failures pre{white-space:pre-wrap;font-size:.75em;background:#fff;padding:4px}
-.missing{width:256px;height:96px;background:#ddd;display:flex;align-items:center;
-justify-content:center;color:#700}
-.failures li{margin-bottom:.6em}
-"""
-
-
 def _e(text: Any) -> str:
     return html.escape(str(text), quote=True)
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def _href(path: Path, root: Path) -> str:
@@ -142,110 +138,124 @@ def _animated(path: Path) -> bool:
         return False
 
 
-def _figure(row: LedgerRow, root: Path, used: set[Path]) -> str:
-    info = row.infotext or ""
-    label = f"#{row.index} · seed {row.settings.get('seed', '?')} · {row.id[:12]}"
-    if not row.paths:
-        return ""
+def _axis_labels(row: LedgerRow) -> dict[str, str]:
+    """The row's axis values as the sheets print them, and its seed (every job has one)."""
+    from render.grids import axis_value
+
+    labels = {k: axis_value(v) for k, v in row.axes.items()}
+    labels.setdefault("seed", axis_value(row.settings.get("seed", "?")))
+    return labels
+
+
+def _image_item(row: LedgerRow, job: int, root: Path, used: set[Path]) -> dict[str, Any]:
+    """One done row for the page: its files, thumbnail, kind, axes and infotext."""
     main = row.paths[0]
+    item: dict[str, Any] = {
+        "j": job, "i": row.index, "id": row.id[:12], "f": _href(main, root), "n": main.name,
+        "s": row.settings.get("seed", "?"), "a": _axis_labels(row), "x": row.infotext or "",
+        "e": [[p.name, _href(p, root)] for p in row.paths[1:]],
+    }
     thumb = thumbnail(main, root)
-    if thumb is not None and main.suffix.lower() in VIDEO_SUFFIXES:
-        # A video plays in the page (muted, looping), its first frame as the poster.
+    if thumb is not None:
         used.add(thumb)
-        body = (f'<video src="{_href(main, root)}" poster="{_href(thumb, root)}" '
-                f'preload="none" muted loop autoplay playsinline controls '
-                f'title="{_e(info)}"></video>')
-    elif thumb is not None and _animated(main):
-        # A GIF or animated WebP plays in the page as itself (browsers animate <img>; lazy:
-        # only those scrolled to are fetched); its thumbnail is kept for the sheets' sake.
-        used.add(thumb)
-        body = (f'<a href="{_href(main, root)}"><img src="{_href(main, root)}" '
-                f'loading="lazy" alt="{_e(main.name)}" title="{_e(info)}"></a>')
-    elif thumb is not None:
-        used.add(thumb)
-        body = (f'<a href="{_href(main, root)}"><img src="{_href(thumb, root)}" '
-                f'loading="lazy" alt="{_e(main.name)}" title="{_e(info)}"></a>')
-    elif main.exists():
-        body = f'<a href="{_href(main, root)}" title="{_e(info)}">{_e(main.name)}</a>'
+        item["t"] = _href(thumb, root)
+        if main.suffix.lower() in VIDEO_SUFFIXES:
+            item["k"] = "video"
+        elif _animated(main):
+            item["k"] = "anim"   # the file itself plays in the page (<img> animates it)
+        else:
+            item["k"] = "image"
     else:
-        body = f'<div class="missing" title="{_e(info)}">missing: {_e(main.name)}</div>'
-    extras = "".join(f' <a href="{_href(p, root)}">{_e(p.name)}</a>' for p in row.paths[1:])
-    details = (f"<details><summary>settings</summary><pre>{_e(info)}</pre></details>"
-               if info else "")
-    return (f"<figure>{body}<figcaption>{_e(label)} {_e(main.name)}{extras}</figcaption>"
-            f"{details}</figure>")
+        item["k"] = "file" if main.exists() else "missing"
+    return item
 
 
-def _grid_figure(path: Path, root: Path, used: set[Path]) -> str:
+def _sheet_item(path: Path, root: Path, used: set[Path]) -> dict[str, Any]:
+    from PIL import Image
+
+    item: dict[str, Any] = {"n": path.name, "f": _href(path, root), "x": ""}
     thumb = thumbnail(path, root, size=THUMB_SIZE * 2)
-    if thumb is None:
-        return f'<figure><a href="{_href(path, root)}">{_e(path.name)}</a></figure>'
-    used.add(thumb)
-    return (f'<figure><a href="{_href(path, root)}"><img src="{_href(thumb, root)}" '
-            f'loading="lazy" alt="{_e(path.name)}"></a>'
-            f"<figcaption>{_e(path.name)}</figcaption></figure>")
+    if thumb is not None:
+        used.add(thumb)
+        item["t"] = _href(thumb, root)
+    try:
+        with Image.open(path) as im:
+            item["x"] = str(getattr(im, "text", {}).get("parameters", ""))
+    except (OSError, ValueError, Image.DecompressionBombError):
+        pass
+    return item
 
 
-def render_html(root: Path, rows: Iterable[LedgerRow], job_order: list[str],
-                grid_paths: Mapping[str, list[Path]], used: set[Path]) -> str:
-    """The page (thumbnails are made on the way; their paths go into ``used``)."""
+def page_data(root: Path, rows: Iterable[LedgerRow], job_order: list[str],
+              sheets: Mapping[str, list[Path]], used: set[Path]) -> dict[str, Any]:
+    """What the page shows, as the JSON its script reads (thumbnails are made on the way;
+    their paths go into ``used``)."""
     by_job: dict[str, list[LedgerRow]] = {}
     for row in rows:
         by_job.setdefault(row.job, []).append(row)
-    jobs = list(dict.fromkeys([*job_order, *by_job, *grid_paths]))
-    done = sum(r.status == "done" for rs in by_job.values() for r in rs)
-    failed = sum(r.status == "failed" for rs in by_job.values() for r in rs)
-    out = [
-        "<!doctype html>", f'<html lang="en"><head><meta charset="utf-8">{_PAGE_MARK}',
-        f"<title>render: {_e(Path(root).name)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{_e(Path(root).name)}</h1>",
-        f"<p>{done} images, {failed} failed; updated "
-        f"{_e(datetime.now().strftime('%Y-%m-%d %H:%M:%S'))}</p>",
-    ]
-    if len(jobs) > 1:
-        out.append("<p>" + " · ".join(f'<a href="#job-{quote(j)}">{_e(j)}</a>' for j in jobs)
-                   + "</p>")
-    for job in jobs:
-        job_rows = by_job.get(job, [])
-        ok = [r for r in job_rows if r.status == "done"]
+    names = list(dict.fromkeys([*job_order, *by_job, *sheets]))
+    jobs, images, failed = [], [], []
+    for n, name in enumerate(names):
+        job_rows = by_job.get(name, [])
+        done = [r for r in job_rows if r.status == "done" and r.paths]
         bad = [r for r in job_rows if r.status == "failed"]
-        out.append(f'<section id="job-{_e(quote(job))}"><h2>{_e(job)}</h2>')
-        out.append(f"<p>{len(ok)} images, {len(bad)} failed</p>")
-        sheets = grid_paths.get(job) or []
-        if sheets:
-            out.append("<h3>grids</h3><div class=\"grid\">")
-            out.extend(_grid_figure(p, root, used) for p in sheets)
-            out.append("</div>")
-        if ok:
-            out.append('<h3>images</h3><div class="images">')
-            out.extend(_figure(r, root, used) for r in ok)
-            out.append("</div>")
-        if bad:
-            out.append('<h3>failed</h3><ul class="failures">')
-            for r in bad:
-                out.append(f"<li>#{r.index} · seed {_e(r.settings.get('seed', '?'))} · "
-                           f"{_e(r.id[:12])}<pre>{_e(r.error or '')}</pre></li>")
-            out.append("</ul>")
-        out.append("</section>")
-    out.append("</body></html>\n")
-    return "\n".join(out)
+        jobs.append({"name": name, "done": len(done), "failed": len(bad),
+                     "sheets": [_sheet_item(p, root, used) for p in sheets.get(name, [])]})
+        images.extend(_image_item(r, n, root, used) for r in done)
+        failed.extend({"j": n, "i": r.index, "id": r.id[:12], "s": r.settings.get("seed", "?"),
+                       "a": _axis_labels(r), "p": str(r.settings.get("prompt", "")),
+                       "err": r.error or ""} for r in bad)
+    return {"root": Path(root).name, "jobs": jobs, "images": images, "failed": failed,
+            "total_done": len(images), "total_failed": len(failed),
+            "updated": datetime.now().strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def build_gallery(root: Path, ledger: Any, grid_paths: Mapping[str, list[Path]]) -> Path:
-    """Write ``root/index.html`` from the ledger's rows and the grid sheets; return its path.
+def _script_json(data: Any) -> str:
+    """JSON safe inside ``<script>``: no ``</script>``, ``<!--`` or entity can form."""
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return (text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
 
-    ``grid_paths`` may hold the sheets of every job of the run: only those under ``root``
-    are shown. Thumbnails no longer referenced are removed from ``.thumbs/``. An
-    ``index.html`` that is not our page is left alone (the gallery goes to
+
+def _asset(name: str) -> str:
+    return resources.files("render").joinpath("static", name).read_text(encoding="utf-8")
+
+
+def render_html(root: Path, data: Mapping[str, Any]) -> str:
+    """The page: style, data and script inlined."""
+    title = _e(Path(root).name)
+    return "\n".join([
+        "<!doctype html>",
+        f'<html lang="en"><head><meta charset="utf-8">{_PAGE_MARK}',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>render: {title}</title><style>{_asset('gallery.css')}</style></head><body>",
+        f'<header><h1>{title}</h1><p class="summary" id="summary">'
+        f'{_count(data["total_done"], "image")}, {data["total_failed"]} failed</p></header>',
+        '<main id="gallery"><noscript>This gallery needs JavaScript. The images are in the '
+        "job folders beside this page.</noscript></main>",
+        '<div class="overlay" id="overlay" hidden></div>',
+        f'<script type="application/json" id="gallery-data">{_script_json(data)}</script>',
+        f"<script>{_asset('gallery.js')}</script>",
+        "</body></html>",
+        "",
+    ])
+
+
+def build_gallery(root: Path, ledger: Any) -> Path:
+    """Write ``root/index.html`` from the ledger's rows and sheets; return its path.
+
+    Only sheets under ``root`` are shown. Thumbnails no longer referenced are removed from
+    ``.thumbs/``. An ``index.html`` that is not our page is left alone (the gallery goes to
     ``render-gallery.html``), and only thumbnails we made are ever pruned.
     """
     root = Path(root)
     base = os.path.abspath(root)
-    mine = {job: [p for p in paths if is_inside(os.path.abspath(p), base)]
-            for job, paths in grid_paths.items()}   # sheets of jobs in other output roots
+    sheets = {job: [p for p in paths if is_inside(os.path.abspath(p), base) and p.is_file()]
+              for job, paths in ledger.sheets_by_job().items()}
     used: set[Path] = set()
-    page = render_html(root, ledger.rows(), ledger.jobs(),
-                       {job: paths for job, paths in mine.items() if paths}, used)
+    data = page_data(root, ledger.rows(), ledger.jobs(),
+                     {job: paths for job, paths in sheets.items() if paths}, used)
+    page = render_html(root, data)
     path = next((root / name for name in (INDEX, FALLBACK_INDEX) if _our_page(root / name)),
                 None)
     if path is None:

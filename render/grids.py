@@ -1,416 +1,567 @@
-"""Labelled X/Y grid sheets, like A1111's X/Y/Z plot, rebuilt from the ledger alone.
+"""Labelled X/Y/Z grid sheets, like A1111's X/Y/Z plot, from a job's tasks and its ledger rows.
 
-Layout: the job's first grid axis runs across (X), the second down (Y); every further axis
-gives separate sheets, one per combination of its values (Z). Images that share a grid cell
-(seeds, prompt draws, zip rows: everything beyond the grid axes) are not squeezed into one
-cell: each such *variant* gets its own sheet (``-s<seed>`` in the name), because comparing
-cfg x sampler is easiest on one seed at a time. A cell with no image (failed, not rendered
-yet, file deleted) is drawn empty with a label saying why, so partial runs give sheets too.
+**Dimensions.** What varies between a job's tasks: each grid axis (in the order written),
+the zip rows, the seeds and the prompt draws (wildcards). ``output.grid: {x, y, z}`` names
+the ones to put across, down and from sheet to sheet; unnamed ones are filled from the rest
+in that order, so ``grid: {cfg, sampler}`` with ``seeds: [1, 2]`` gives X = cfg, Y = sampler
+and Z = seed, as an A1111 user sets it up by hand. Every dimension left over gives separate
+sheet sets (``-draw=2``), one per value.
 
-A sheet wider or taller than ``max_side`` px, or larger than ``max_pixels``, is split into
-pages (``-p1``, ``-p2`` ...) that each repeat the labels. Sheets are written atomically to
-``<job dir>/grids/<job>-grid[-<z>][-<variant>][-pN].png``.
+**Sheets.** Per set: one sheet per Z value and, when there are several Z values and the
+result fits the limits, A1111's combined sheet with them side by side. A sheet over the pixel
+limit (``output.grid.max_pixels``) or 16384 px a side is split into parts that repeat the
+labels: never refused. A cell with no image (failed, not rendered yet, file missing) is a
+grey blank saying why, so partial runs give whole sheets; the report rebuilds them after
+every run. File names, under ``<job dir>/grids/``::
 
-Pure Python + Pillow: no torch here.
+    <job>-grid[-<rest>=<value>...][-<z>=<value>][-part<N>of<M>].png
+
+**Ours only.** Each sheet is recorded in the ledger as it is written and carries a
+``render-grid`` text chunk; an existing file under a sheet's name that is neither is left
+alone (the sheet is skipped with a warning), and a recorded sheet no longer produced is
+deleted only while it is byte-for-byte the one written. Pure Python + Pillow: no torch.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from render import grid_draw
 from render.images import first_frame
 from render.ledger import LedgerRow
-from render.metadata import VIDEO_SUFFIXES, format_number
+from render.metadata import VIDEO_SUFFIXES, format_number, quote
 from render.output import atomic_write, safe_name
-from render.tasks import Job
+from render.reconcile import unchanged
+from render.tasks import Job, Task
 
 #: Browsers, WebP and most viewers handle up to 16384 px a side.
 MAX_SIDE = 16384
-#: Half of Pillow's decompression-bomb limit: every viewer (and Pillow) opens the sheet.
-MAX_PIXELS = 89_478_485 // 2
-MAX_LABEL_LINES = 4
-BACKGROUND = (255, 255, 255)
-INK = (0, 0, 0)
-EMPTY_FILL = (224, 224, 224)
-FAILED_INK = (170, 0, 0)
+#: What marks a sheet as render's (the PNG text chunk that also describes its axes).
+SHEET_CHUNK = "render-grid"
+#: A1111's X/Y/Z plot names for the core's keys; plugins name theirs (``axis_label``).
+CORE_AXIS_NAMES = {
+    "prompt": "Prompt", "prompt_sr": "Prompt S/R", "negative": "Negative prompt",
+    "seed": "Seed", "seeds": "Seed", "cfg": "CFG Scale", "steps": "Steps",
+    "sampler": "Sampler", "schedule": "Schedule type", "size": "Size", "width": "Width",
+    "height": "Height", "clip_skip": "Clip skip", "model": "Checkpoint name", "vae": "VAE",
+    "strength": "Denoising", "image": "Image", "mask": "Mask",
+}
+#: Dimension keys of what is not a grid axis.
+ZIP, SEED, DRAW = "zip", "seed", "draw"
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Geometry of one sheet page: margins for labels plus a ``cols`` x ``rows`` block."""
-
-    cell_w: int
-    cell_h: int
-    left: int      # Y labels
-    title: int     # title line (job, Z values, variant)
-    top: int       # X labels
-    cols: int
-    rows: int
-    pad: int = 4
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.left + self.cols * self.cell_w, self.title + self.top + self.rows * self.cell_h
-
-    def cell_box(self, col: int, row: int) -> tuple[int, int, int, int]:
-        x = self.left + col * self.cell_w
-        y = self.title + self.top + row * self.cell_h
-        return x, y, x + self.cell_w, y + self.cell_h
-
-
-def _label_value(value: Any) -> str:
+def axis_value(value: Any) -> str:
+    """A value as A1111 prints it on a sheet: ``7``, ``Euler a``, ``0.5``, ``a: 0.5``."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return format_number(value)
     if isinstance(value, str):
         return value
-    return json.dumps(value, ensure_ascii=False)
+    if value is None:
+        return "none"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}: {axis_value(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(axis_value(v) for v in value)
+    return str(value)
+
+
+def default_axis_name(key: str) -> str:
+    """The core's name for ``key``; a plugin's dotted key as it is written."""
+    return CORE_AXIS_NAMES.get(key, key)
+
+
+def section_axis_label(key: str, section: str, title: str,
+                       names: Mapping[str, str] | None = None) -> str | None:
+    """A plugin's ``axis_label`` in one line: ``section`` -> ``title``; ``section.sub`` ->
+    ``names[sub]`` when given, else ``title`` and the parts of ``sub`` (each through
+    ``names``; a named first part stands for the title): ``lora.add_detail`` -> ``LoRA
+    add_detail``, ``controlnet.0.scale`` with ``{"scale": "weight"}`` -> ``ControlNet 0
+    weight``. None for another section's key."""
+    names = names or {}
+    if key == section:
+        return title
+    if not key.startswith(section + "."):
+        return None
+    sub = key[len(section) + 1:]
+    if sub in names:
+        return names[sub]
+    parts = sub.split(".")
+    head = [] if parts[0] in names else [title]
+    return " ".join([*head, *(names.get(part, part) for part in parts)])
 
 
 def _key(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def _font(size: int) -> Any:
-    from PIL import ImageFont
+# -- what varies --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Entry:
+    """One task as a sheet sees it: its value on each dimension, and its ledger row."""
 
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, ValueError, OSError):  # Pillow without FreeType: the bitmap font
-        return ImageFont.load_default()
-
-
-def _text_w(font: Any, text: str) -> int:
-    return int(math.ceil(font.getlength(text)))
+    index: int
+    id: str
+    values: Mapping[str, Any]
+    row: LedgerRow | None
 
 
-def _wrap(font: Any, text: str, width: int, max_lines: int = MAX_LABEL_LINES) -> list[str]:
-    """Greedy word wrap to ``width`` px; over-long words are cut; at most ``max_lines``."""
-    lines: list[str] = []
-    for para in text.split("\n"):
-        line = ""
-        for word in para.split(" "):
-            candidate = f"{line} {word}" if line else word
-            if _text_w(font, candidate) <= width:
-                line = candidate
-                continue
-            if line:
-                lines.append(line)
-            line = ""
-            for ch in word:
-                if line and _text_w(font, line + ch) > width:
-                    lines.append(line)
-                    line = ch
-                else:
-                    line += ch
-        lines.append(line)
-    if len(lines) > max_lines:
-        lines = lines[:max_lines]
-        last = lines[-1]
-        while last and _text_w(font, last + "…") > width:
-            last = last[:-1]
-        lines[-1] = last + "…"
-    return lines or [""]
+def _dimension_values(job: Job, axes: Mapping[str, Any], seed: Any, template: str,
+                      picks: Sequence[str], prompt: str) -> dict[str, Any] | None:
+    values: dict[str, Any] = {}
+    for axis in job.grid_axes:
+        if axis not in axes:
+            return None
+        values[axis] = axes[axis]
+    if job.zip_axes:
+        if not all(k in axes for k in job.zip_axes):
+            return None
+        values[ZIP] = [axes[k] for k in job.zip_axes]
+    if "seed" not in job.grid_axes and "seed" not in job.zip_axes:
+        values[SEED] = seed
+    if not {"prompt", "prompt_sr"} & {*job.grid_axes, *job.zip_axes}:
+        values[DRAW] = [template, list(picks), prompt]
+    return values
+
+
+def grid_entries(job: Job, tasks: Iterable[Task], rows: Iterable[LedgerRow]) -> list[Entry]:
+    """The job's entries: each planned task (this run's expansion, which decides its values
+    on the axes) with its ledger row; then the ledger's done or failed rows at indices the run
+    did not plan (a ``--limit`` run), with the values recorded with them."""
+    by_id = {r.id: r for r in rows if r.job == job.name}
+    entries: list[Entry] = []
+    planned: set[int] = set()
+    for task in tasks:
+        if task.job != job.name:
+            continue
+        values = _dimension_values(job, task.axes, task.seed, task.template, task.picks,
+                                   task.prompt)
+        if values is not None:
+            entries.append(Entry(task.index, task.id, values, by_id.get(task.id)))
+            planned.add(task.index)
+    for row in by_id.values():
+        if row.index in planned or row.status not in ("done", "failed"):
+            continue
+        s = row.settings
+        values = _dimension_values(job, row.axes, s.get("seed"), s.get("template", ""),
+                                   s.get("picks") or (), s.get("prompt", ""))
+        if values is not None:
+            entries.append(Entry(row.index, row.id, values, row))
+    entries.sort(key=lambda e: (e.index, e.id))
+    return entries
 
 
 @dataclass
-class _Sheet:
-    z: tuple[str, ...]                       # Z value keys
-    z_labels: list[str]
-    variant: tuple[Any, ...]
-    cells: dict[tuple[int, int], LedgerRow]
+class Dim:
+    """One dimension: its key, its printed name and its values in first-seen order."""
+
+    key: str
+    name: str
+    keys: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)   # "CFG Scale: 5"
+    slugs: list[str] = field(default_factory=list)    # "5" (file names)
+    raw: list[Any] = field(default_factory=list)
+
+    def position(self, value: Any) -> int:
+        return self.keys.index(_key(value))
+
+    def add(self, value: Any, text: str, slug: str) -> None:
+        if _key(value) not in self.keys:
+            self.keys.append(_key(value))
+            self.labels.append(f"{self.name}: {text}")
+            self.slugs.append(slug)
+            self.raw.append(value)
+
+    @property
+    def file_key(self) -> str:
+        return self.key
 
 
-def _variant_parts(row: LedgerRow, grid_axes: Sequence[str]) -> tuple[Any, ...]:
-    """What tells apart the images of one cell: seed, zip values, prompt draw."""
-    settings = row.settings
-    axes = row.axes
-    zip_values = tuple(sorted((k, _key(v)) for k, v in axes.items() if k not in grid_axes))
-    if {"prompt", "prompt_sr"} & set(grid_axes):
-        draw: tuple[Any, ...] = ()
-    else:
-        draw = (settings.get("template", ""), tuple(settings.get("picks") or ()))
-    return settings.get("seed"), zip_values, draw
+def dimensions(job: Job, entries: Sequence[Entry],
+               axis_name: Callable[[str], str] = default_axis_name) -> list[Dim]:
+    """Every dimension that varies (a grid axis always counts), in the job's order."""
+    dims: list[Dim] = []
+    for axis in job.grid_axes:
+        dims.append(Dim(axis, axis_name(axis)))
+    if job.zip_axes:
+        dims.append(Dim(ZIP, " / ".join(axis_name(k) for k in job.zip_axes)))
+    axes = {*job.grid_axes, *job.zip_axes}
+    if "seed" not in axes:
+        dims.append(Dim(SEED, axis_name("seed")))
+    if not {"prompt", "prompt_sr"} & axes:
+        dims.append(Dim(DRAW, axis_name("prompt")))
+    present = [d for d in dims if all(d.key in e.values for e in entries)]
+    for dim in present:
+        for entry in entries:
+            value = entry.values[dim.key]
+            if dim.key == DRAW:
+                template, picks, prompt = value
+                text = ", ".join(picks) if picks else prompt
+                dim.add([template, picks], text, str(len(dim.keys) + 1))
+            elif dim.key == ZIP:
+                text = ", ".join(axis_value(v) for v in value)
+                dim.add(value, text, "_".join(axis_value(v) for v in value))
+            else:
+                dim.add(value, axis_value(value), axis_value(value))
+    return [d for d in present if d.key in job.grid_axes or len(d.keys) > 1]
 
 
-def plan_sheets(rows: Iterable[LedgerRow], job: Job) -> tuple[list[_Sheet], list[list[str]]]:
-    """Group a job's rows into sheets; returns the sheets and each axis's value labels."""
-    axes = list(job.grid_axes)
-    usable = sorted(
-        (r for r in rows if r.job == job.name and r.status in ("done", "failed")
-         and all(a in r.axes for a in axes)),
-        key=lambda r: (r.index, r.id),
-    )
-    values: list[dict[str, int]] = [{} for _ in axes]
-    labels: list[list[str]] = [[] for _ in axes]
-    for row in usable:
-        for k, axis in enumerate(axes):
-            key = _key(row.axes[axis])
-            if key not in values[k]:
-                values[k][key] = len(values[k])
-                labels[k].append(_label_value(row.axes[axis]))
-    variants: dict[tuple[Any, ...], int] = {}
-    seen: dict[tuple[Any, ...], int] = {}
-    sheets: dict[tuple[tuple[str, ...], tuple[Any, ...]], _Sheet] = {}
-    for row in usable:
-        keys = [_key(row.axes[a]) for a in axes]
-        x = values[0][keys[0]] if axes else 0
-        y = values[1][keys[1]] if len(axes) > 1 else 0
-        z = tuple(keys[2:])
-        base = _variant_parts(row, axes)
-        occurrence = seen.get((z, x, y, base), 0)
-        seen[(z, x, y, base)] = occurrence + 1
-        variant = (*base, occurrence)
-        variants.setdefault(variant, len(variants))
-        sheet = sheets.get((z, variant))
-        if sheet is None:
-            z_labels = [f"{a}: {labels[k + 2][values[k + 2][zk]]}"
-                        for k, (a, zk) in enumerate(zip(axes[2:], z, strict=True))]
-            sheet = sheets[(z, variant)] = _Sheet(z, z_labels, variant, {})
-        sheet.cells.setdefault((x, y), row)
-
-    def order(s: _Sheet) -> tuple[Any, ...]:
-        zpos = tuple(values[k + 2][zk] for k, zk in enumerate(s.z))
-        return zpos, variants[s.variant]
-
-    return sorted(sheets.values(), key=order), labels
+def _coordinate(dim: Dim, entry: Entry) -> int:
+    value = entry.values[dim.key]
+    return dim.position(value[:2] if dim.key == DRAW else value)
 
 
-def _variant_names(sheets: list[_Sheet]) -> dict[tuple[Any, ...], str]:
-    """File-name parts for variants: only the parts that differ between them."""
-    variants = list(dict.fromkeys(s.variant for s in sheets))
-    if len(variants) <= 1:
-        return dict.fromkeys(variants, "")
-    seeds, zips, draws, occ = (len({v[i] for v in variants}) > 1 for i in range(4))
-    draw_ids = {d: n for n, d in enumerate(dict.fromkeys(v[2] for v in variants), 1)}
-    names = {}
-    for v in variants:
-        parts = []
-        if seeds:
-            parts.append(f"s{v[0]}")
-        if zips:
-            parts.extend(f"{k}={_label_value(json.loads(val))}" for k, val in v[1])
-        if draws:
-            parts.append(f"p{draw_ids[v[2]]}")
-        if occ:
-            parts.append(f"n{v[3] + 1}")
-        names[v] = "-".join(parts)
-    return names
+def resolve_dimension(job: Job, name: str) -> str | None:
+    """The dimension key that ``output.grid.x/y/z: name`` means, or None (not one of the
+    job's): a grid axis, a zip axis (the zip rows), ``seed``, or ``prompt`` (the prompt
+    axis, or else the prompt draws)."""
+    if name in job.grid_axes:
+        return name
+    if name in job.zip_axes:
+        return ZIP
+    if name in ("seed", "seeds"):
+        return SEED
+    if name in ("prompt", "draw"):
+        return DRAW
+    return None
 
 
-def _variant_title(variant: tuple[Any, ...]) -> str:
-    seed, zips, draw, _ = variant
-    parts = [f"seed {seed}"]
-    parts.extend(f"{k}: {_label_value(json.loads(v))}" for k, v in zips)
-    if draw and draw[1]:
-        parts.append("picks: " + ", ".join(map(str, draw[1])))
-    return ", ".join(parts)
+def choose_axes(job: Job, dims: Sequence[Dim]) -> tuple[Dim | None, Dim | None, Dim | None,
+                                                          list[Dim]]:
+    """(X, Y, Z, the rest): named ones first, the others filled in the job's order."""
+    by_key = {d.key: d for d in dims}
+    chosen: dict[str, Dim] = {}
+    for slot, name in job.output.grid_spec.chosen.items():
+        key = resolve_dimension(job, name)
+        if key in by_key and by_key[key] not in chosen.values():
+            chosen[slot] = by_key[key]
+    free = [d for d in dims if d not in chosen.values()]
+    for slot in ("x", "y", "z"):
+        if slot not in chosen and free:
+            chosen[slot] = free.pop(0)
+    return chosen.get("x"), chosen.get("y"), chosen.get("z"), free
 
 
-def _cell_size(rows: Iterable[LedgerRow]) -> tuple[int, int]:
+# -- the plan -----------------------------------------------------------------------------------
+@dataclass
+class SheetSet:
+    """The sheets of one combination of the leftover dimensions (and of one repeat of a
+    prompt draw that came out the same twice)."""
+
+    labels: list[str]
+    name_parts: list[str]
+    cells: dict[tuple[int, int, int], Entry] = field(default_factory=dict)   # (z, x, y)
+
+
+@dataclass
+class GridPlan:
+    """Everything the sheets of a job are drawn from."""
+
+    job: Job
+    x: Dim | None
+    y: Dim | None
+    z: Dim | None
+    rest: list[Dim]
+    sets: list[SheetSet]
+    image_size: tuple[int, int]
+
+
+def plan_grids(job: Job, entries: Sequence[Entry],
+               axis_name: Callable[[str], str] = default_axis_name) -> GridPlan | None:
+    """The sheets of a job's entries; None when there is nothing to draw."""
+    if not entries:
+        return None
+    dims = dimensions(job, entries, axis_name)
+    if not dims:
+        return None
+    x, y, z, rest = choose_axes(job, dims)
+    sets: dict[tuple[Any, ...], SheetSet] = {}
+    repeats: dict[tuple[Any, ...], int] = {}
+    for entry in entries:
+        spot = tuple(_coordinate(d, entry) if d else 0 for d in (z, x, y))
+        rest_at = tuple(_coordinate(d, entry) for d in rest)
+        repeat = repeats.get((rest_at, spot), 0)
+        repeats[(rest_at, spot)] = repeat + 1
+        key = (rest_at, repeat)
+        sheet_set = sets.get(key)
+        if sheet_set is None:
+            labels = [d.labels[i] for d, i in zip(rest, rest_at, strict=True)]
+            parts = [f"{d.file_key}={d.slugs[i]}" for d, i in zip(rest, rest_at, strict=True)]
+            if repeat:
+                labels.append(f"repeat {repeat + 1}")
+                parts.append(f"n{repeat + 1}")
+            sheet_set = sets[key] = SheetSet(labels, parts)
+        sheet_set.cells[spot] = entry
+    ordered = [sets[k] for k in sorted(sets, key=lambda k: (k[1], k[0]))]
+    return GridPlan(job, x, y, z, rest, ordered, _image_size(entries))
+
+
+def _image_size(entries: Iterable[Entry]) -> tuple[int, int]:
+    """The largest image of the job (read from file headers; planned size where none)."""
     from PIL import Image
 
     w = h = 0
-    for row in rows:
+    for entry in entries:
+        row = entry.row
         size = None
-        if row.status == "done" and row.paths:
+        if row is not None and row.status == "done" and row.paths:
             try:
                 if row.paths[0].suffix.lower() in VIDEO_SUFFIXES:
                     size = first_frame(row.paths[0]).size
                 else:
                     with Image.open(row.paths[0]) as im:
                         size = im.size
-            except OSError:
+            except (OSError, ValueError, Image.DecompressionBombError):
                 size = None
-        if size is None:
+        if size is None and row is not None:
             size = (int(row.settings.get("width") or 0), int(row.settings.get("height") or 0))
-        w, h = max(w, size[0]), max(h, size[1])
+        if size:
+            w, h = max(w, size[0]), max(h, size[1])
     return max(w, 16), max(h, 16)
 
 
-def make_layout(
-    font: Any, x_labels: list[str], y_labels: list[str], cell: tuple[int, int], *,
-    max_side: int = MAX_SIDE, max_pixels: int = MAX_PIXELS,
-) -> Layout:
-    """Margins from the label text, then how many cells fit on one page."""
-    cw, ch = cell
-    pad = max(4, getattr(font, "size", 12) // 3)
-    line_h = _line_height(font)
-    x_lines = max((len(_wrap(font, t, cw - 2 * pad)) for t in x_labels), default=1)
-    top = x_lines * line_h + 2 * pad
-    left = 0
-    if y_labels:
-        natural = max(_text_w(font, t) for t in y_labels) + 2 * pad
-        left = min(natural, max(cw, 2 * pad + 4 * line_h))
-    title = line_h + 2 * pad
-    cols = max(1, min(len(x_labels) or 1, (max_side - left) // cw))
-    rows = max(1, min(len(y_labels) or 1, (max_side - title - top) // ch))
-    while rows > 1 and (left + cols * cw) * (title + top + rows * ch) > max_pixels:
-        rows -= 1
-    while cols > 1 and (left + cols * cw) * (title + top + rows * ch) > max_pixels:
-        cols -= 1
-    return Layout(cw, ch, left, title, top, cols, rows, pad)
-
-
-def _line_height(font: Any) -> int:
-    box = font.getbbox("Ág")
-    return int(box[3] - min(box[1], 0)) + 2
-
-
-def _draw_lines(draw: Any, font: Any, lines: list[str], box: tuple[int, int, int, int],
-                fill: tuple[int, int, int] = INK) -> None:
-    """Centre ``lines`` in ``box``."""
-    x0, y0, x1, y1 = box
-    line_h = _line_height(font)
-    y = y0 + max(0, (y1 - y0 - line_h * len(lines)) // 2)
-    for line in lines:
-        w = _text_w(font, line)
-        draw.text((x0 + max(0, (x1 - x0 - w) // 2), y), line, font=font, fill=fill)
-        y += line_h
-
-
-def _empty_reason(row: LedgerRow | None) -> tuple[str, tuple[int, int, int]]:
-    if row is None:
-        return "not rendered", INK
+def blank_reason(entry: Entry | None) -> str | None:
+    """Why a cell has no image (None when its file is there), without decoding anything."""
+    row = entry.row if entry else None
+    if entry is None:
+        return "no such task"
+    if row is None or (row.status != "failed" and (row.status != "done" or not row.paths)):
+        return "not rendered yet"
     if row.status == "failed":
         first = (row.error or "").strip().splitlines()[:1]
-        return "failed" + (f": {first[0]}" if first else ""), FAILED_INK
-    return "file missing", INK
+        return "failed" + (f": {first[0]}" if first else "")
+    if not row.paths[0].is_file():
+        return f"file missing: {row.paths[0].name}"
+    return None
 
 
-def render_page(
-    sheet_cells: Mapping[tuple[int, int], LedgerRow], layout: Layout, font: Any,
-    x_labels: list[str], y_labels: list[str], title: str, col0: int, row0: int,
-) -> Any:
-    """Draw one page: title, X labels, Y labels and the cells from ``(col0, row0)`` on."""
-    from PIL import Image, ImageDraw
+def cell_art(entry: Entry | None) -> grid_draw.CellArt:
+    """The image of a done entry (an animation's first frame), or why there is none."""
+    from PIL import Image
 
-    cols = min(layout.cols, max(len(x_labels), 1) - col0)
-    rows = min(layout.rows, max(len(y_labels), 1) - row0)
-    layout = dataclasses.replace(layout, cols=cols, rows=rows)  # the last pages are smaller
-    sheet = Image.new("RGB", layout.size, BACKGROUND)
-    draw = ImageDraw.Draw(sheet)
-    pad = layout.pad
-    t = title
-    while t and _text_w(font, t) > layout.size[0] - 2 * pad:
-        t = t[:-2] + "…" if len(t) > 2 else ""
-    draw.text((pad, pad), t, font=font, fill=INK)
-    for c in range(cols):
-        x0, _, x1, _ = layout.cell_box(c, 0)
-        if x_labels:
-            lines = _wrap(font, x_labels[col0 + c], layout.cell_w - 2 * pad)
-            _draw_lines(draw, font, lines, (x0, layout.title, x1, layout.title + layout.top))
-    for r in range(rows):
-        _, y0, _, y1 = layout.cell_box(0, r)
-        if y_labels:
-            lines = _wrap(font, y_labels[row0 + r], layout.left - 2 * pad)
-            _draw_lines(draw, font, lines, (0, y0, layout.left, y1))
-    for r in range(rows):
-        for c in range(cols):
-            box = layout.cell_box(c, r)
-            row = sheet_cells.get((col0 + c, row0 + r))
-            if not _paste(sheet, row, box):
-                text, ink = _empty_reason(row)
-                inset = (box[0] + 2, box[1] + 2, box[2] - 2, box[3] - 2)
-                draw.rectangle(inset, fill=EMPTY_FILL)
-                _draw_lines(draw, font, _wrap(font, text, layout.cell_w - 4 * pad), inset, ink)
-    return sheet
-
-
-def _paste(sheet: Any, row: LedgerRow | None, box: tuple[int, int, int, int]) -> bool:
-    if row is None or row.status != "done" or not row.paths:
-        return False
+    reason = blank_reason(entry)
+    if reason is not None or entry is None or entry.row is None:
+        return grid_draw.CellArt(reason=reason or "no such task",
+                                 failed=bool(entry and entry.row
+                                             and entry.row.status == "failed"))
     try:
-        image = first_frame(row.paths[0])   # an animation's sheet shows its first frame
-    except OSError:
+        return grid_draw.CellArt(image=first_frame(entry.row.paths[0]))
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return grid_draw.CellArt(reason=f"file unreadable: {entry.row.paths[0].name}")
+
+
+# -- metadata -----------------------------------------------------------------------------------
+def _a1111_params(plan: GridPlan) -> list[tuple[str, str]]:
+    """A1111's X/Y/Z plot fields: ``Script``, ``X Type``, ``X Values`` ..."""
+    params = [("Script", "X/Y/Z plot")]
+    for slot, dim in (("X", plan.x), ("Y", plan.y), ("Z", plan.z)):
+        if dim is not None:
+            params.append((f"{slot} Type", dim.name))
+            params.append((f"{slot} Values",
+                           ", ".join(lbl.split(": ", 1)[1] for lbl in dim.labels)))
+    return params
+
+
+def sheet_infotext(plan: GridPlan, entries: Iterable[Entry]) -> str:
+    """The sheet's ``parameters``: its first image's infotext plus the X/Y/Z fields, as
+    A1111 writes a grid's (PNG Info and civitai read the settings of the first cell)."""
+    first = next((e.row.infotext for e in entries
+                  if e.row is not None and e.row.status == "done" and e.row.infotext), None)
+    fields = ", ".join(f"{k}: {quote(v)}" for k, v in _a1111_params(plan))
+    if not first:
+        return fields
+    return f"{first.rstrip()}, {fields}" if "\n" in first else f"{first}\n{fields}"
+
+
+def _sheet_json(plan: GridPlan, labels: list[str], part: tuple[int, int],
+                cells: Mapping[tuple[int, ...], Entry]) -> str:
+    """The ``render-grid`` chunk: the axes, which sheet this is, each cell's task as
+    ``[x, y, index, id]`` (``[z, x, y, index, id]`` on a combined sheet), and the blank
+    cells as ``[x, y, reason]``."""
+    def dim(d: Dim | None) -> Any:
+        return None if d is None else {"key": d.key, "name": d.name, "values": d.labels}
+
+    return json.dumps({
+        "generator": "render grid", "job": plan.job.name,
+        "x": dim(plan.x), "y": dim(plan.y), "z": dim(plan.z), "sheet": labels,
+        "part": list(part),
+        "cells": [[*spot, e.index, e.id] for spot, e in sorted(cells.items())],
+        "blank": [[*spot, reason] for spot, e in sorted(cells.items())
+                  if (reason := blank_reason(e)) is not None],
+    }, ensure_ascii=False)
+
+
+def _pnginfo(text: str, data: str) -> Any:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_itxt("parameters", text)
+    info.add_itxt(SHEET_CHUNK, data)
+    return info
+
+
+def is_sheet(path: Path) -> bool:
+    """Whether ``path`` is a PNG carrying render's sheet chunk."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and SHEET_CHUNK in getattr(im, "text", {})
+    except (OSError, ValueError, Image.DecompressionBombError):
         return False
-    cw, ch = box[2] - box[0], box[3] - box[1]
-    if image.width > cw or image.height > ch:
-        image.thumbnail((cw, ch))
-    sheet.paste(image, (box[0] + (cw - image.width) // 2, box[1] + (ch - image.height) // 2))
-    return True
 
 
+# -- drawing and writing ------------------------------------------------------------------------
 @dataclass
-class GridPlan:
-    """Everything ``build_grids`` draws: the sheets, their shared layout, font and labels."""
+class Sheet:
+    """One file to write: its name, its pixels (drawn on demand) and its metadata; the
+    page geometry (None for a combined sheet)."""
 
-    sheets: list[_Sheet]
-    layout: Layout
-    font: Any
-    x_labels: list[str]
-    y_labels: list[str]
-
-    @property
-    def pages(self) -> tuple[int, int]:
-        """(column pages, row pages) of every sheet."""
-        return (math.ceil(max(len(self.x_labels), 1) / self.layout.cols),
-                math.ceil(max(len(self.y_labels), 1) / self.layout.rows))
+    name: str
+    draw: Callable[[], Any]
+    text: str
+    data: str
+    layout: grid_draw.Layout | None = None
 
 
-def plan_grids(
-    rows: Iterable[LedgerRow], job: Job, *,
-    max_side: int = MAX_SIDE, max_pixels: int = MAX_PIXELS,
-) -> GridPlan | None:
-    """Sheets and geometry for a job's rows; None when there is nothing to draw."""
-    if not job.grid_axes:
-        return None
-    sheets, labels = plan_sheets(rows, job)
-    if not sheets:
-        return None
-    axes = list(job.grid_axes)
-    x_labels = [f"{axes[0]}: {v}" for v in labels[0]]
-    y_labels = [f"{axes[1]}: {v}" for v in labels[1]] if len(axes) > 1 else []
-    cw, ch = _cell_size(r for s in sheets for r in s.cells.values())
-    font = _font(max(14, min(64, round((cw + ch) / 30))))
-    layout = make_layout(font, x_labels, y_labels, (cw, ch), max_side=max_side,
-                         max_pixels=max_pixels)
-    if layout.left + cw > max_side or layout.title + layout.top + ch > max_side:
-        scale = min((max_side - layout.left) / cw, (max_side - layout.title - layout.top) / ch)
-        cw, ch = max(16, int(cw * scale)), max(16, int(ch * scale))
-        layout = make_layout(font, x_labels, y_labels, (cw, ch), max_side=max_side,
-                             max_pixels=max_pixels)
-    return GridPlan(sheets, layout, font, x_labels, y_labels)
+def _title(job: Job, labels: Sequence[str]) -> str:
+    return "  ·  ".join([job.name, *labels])
 
 
-def build_grids(
-    rows: Iterable[LedgerRow], job: Job, out_dir: Path, *,
-    max_side: int = MAX_SIDE, max_pixels: int = MAX_PIXELS,
-) -> list[Path]:
-    """Write the job's grid sheets under ``out_dir/grids/``; return their paths in order.
+def sheets(plan: GridPlan, *, max_pixels: int, max_side: int = MAX_SIDE) -> list[Sheet]:
+    """Every sheet of the plan in the order the gallery shows them: per set, the combined
+    sheet first, then one per Z value, each maybe in parts."""
+    fnt = grid_draw.font_for_cell(*plan.image_size)
+    x_labels = plan.x.labels if plan.x else []
+    y_labels = plan.y.labels if plan.y else []
+    z_count = len(plan.z.keys) if plan.z else 1
+    reasons = [r for s in plan.sets for e in s.cells.values()
+               if (r := blank_reason(e)) is not None]
+    out: list[Sheet] = []
+    stem0 = f"{plan.job.name}-grid"
+    for sheet_set in plan.sets:
+        per_z: list[Sheet] = []
+        panels: list[tuple[str, tuple[int, int], Callable[[], Any]]] = []
+        split = False
+        for zi in range(z_count):
+            z_label = [plan.z.labels[zi]] if plan.z else []
+            z_part = [f"{plan.z.file_key}={plan.z.slugs[zi]}"] if plan.z else []
+            cells = {(x, y): e for (z, x, y), e in sheet_set.cells.items() if z == zi}
+            if not cells:
+                continue
+            labels = [*sheet_set.labels, *z_label]
+            title = _title(plan.job, labels)
+            layout = grid_draw.make_layout(fnt, x_labels, y_labels, plan.image_size,
+                                           max_side=max_side, max_pixels=max_pixels,
+                                           cell_texts=reasons, title=title)
+            col_pages = -(-max(len(x_labels), 1) // layout.cols)
+            row_pages = -(-max(len(y_labels), 1) // layout.rows)
+            total = col_pages * row_pages
+            text = sheet_infotext(plan, [cells[k] for k in sorted(cells)])
+            stem = safe_name("-".join([stem0, *sheet_set.name_parts, *z_part]).replace(" ", "_"),
+                             limit=170)
+            for page in range(total):
+                c0, r0 = (page % col_pages) * layout.cols, (page // col_pages) * layout.rows
+                page_layout = grid_draw.with_title(
+                    _page_layout(layout, len(x_labels), len(y_labels), c0, r0), fnt, title)
+                page_cells = {(x - c0, y - r0): e for (x, y), e in cells.items()
+                              if 0 <= x - c0 < page_layout.cols and 0 <= y - r0 < page_layout.rows}
+                suffix = f"-part{page + 1}of{total}" if total > 1 else ""
+                per_z.append(Sheet(
+                    stem + suffix + ".png",
+                    _drawer(page_layout, fnt, title, x_labels[c0:], y_labels[r0:], page_cells),
+                    text, _sheet_json(plan, labels, (page + 1, total), page_cells), page_layout))
+            split = split or total > 1
+            panel_layout = grid_draw.with_title(
+                _page_layout(layout, len(x_labels), len(y_labels), 0, 0), fnt, "")
+            panels.append((z_label[0] if z_label else "", panel_layout.size,
+                           _drawer(panel_layout, fnt, "", x_labels, y_labels, cells)))
+        if split:
+            panels = []   # a Z sheet in parts: the combined sheet would not fit either
+        combined = _combined(plan, sheet_set, fnt, panels, z_count, max_pixels, max_side)
+        out.extend([*combined, *per_z])
+    return out
 
-    ``rows`` are the ledger rows of the job (others are ignored); a job without grid axes
-    gets no sheet. Rebuilding overwrites the sheets of the same name.
-    """
-    plan = plan_grids(rows, job, max_side=max_side, max_pixels=max_pixels)
-    if plan is None:
+
+def _combined(plan: GridPlan, sheet_set: SheetSet, fnt: Any,
+              panels: list[tuple[str, tuple[int, int], Callable[[], Any]]], z_count: int,
+              max_pixels: int, max_side: int) -> list[Sheet]:
+    """A1111's combined sheet of a set, where there are several Z values and it fits."""
+    if plan.z is None or z_count < 2 or len(panels) < 2:
         return []
-    layout = plan.layout
-    variant_names = _variant_names(plan.sheets)
-    col_pages, row_pages = plan.pages
+    title = _title(plan.job, sheet_set.labels)
+    pad = max(4, getattr(fnt, "size", 12) // 3)
+    w, h = grid_draw.combined_size(fnt, title, [(lbl, size) for lbl, size, _ in panels], pad)
+    if w > max_side or h > max_side or w * h > max_pixels:
+        return []
+    stem = "-".join([f"{plan.job.name}-grid", *sheet_set.name_parts])
+
+    def draw() -> Any:
+        return grid_draw.combine(fnt, title, [(lbl, fn()) for lbl, _, fn in panels], pad)
+
+    text = sheet_infotext(plan, [sheet_set.cells[k] for k in sorted(sheet_set.cells)])
+    return [Sheet(safe_name(stem.replace(" ", "_"), limit=170) + ".png", draw, text,
+                  _sheet_json(plan, sheet_set.labels, (1, 1), sheet_set.cells))]
+
+
+def _page_layout(layout: grid_draw.Layout, n_x: int, n_y: int, c0: int,
+                 r0: int) -> grid_draw.Layout:
+    from dataclasses import replace
+
+    return replace(layout, cols=min(layout.cols, max(n_x, 1) - c0),
+                   rows=min(layout.rows, max(n_y, 1) - r0))
+
+
+def _drawer(layout: grid_draw.Layout, fnt: Any, title: str, x_labels: Sequence[str],
+            y_labels: Sequence[str], cells: Mapping[tuple[int, int], Entry]) -> Callable[[], Any]:
+    def draw() -> Any:
+        return grid_draw.render_page(layout, fnt, title, x_labels, y_labels,
+                                     lambda c, r: cell_art(cells.get((c, r))))
+    return draw
+
+
+def build_grids(job: Job, entries: Sequence[Entry], out_dir: Path, *,
+                ledger: Any = None, axis_name: Callable[[str], str] = default_axis_name,
+                max_side: int = MAX_SIDE, warn: Callable[[str], None] | None = None,
+                ) -> list[Path]:
+    """Write the job's sheets under ``out_dir/grids/``; return their paths in order.
+
+    With a ``ledger``, each sheet is recorded as written, and the job's earlier sheets that
+    this plan no longer makes are deleted (only while unchanged since written).
+    """
+    plan = plan_grids(job, entries, axis_name)
     folder = Path(out_dir) / "grids"
     written: list[Path] = []
-    for sheet in plan.sheets:
-        stem = f"{job.name}-grid"
-        if sheet.z_labels:
-            stem += "-" + "_".join(lbl.replace(": ", "=") for lbl in sheet.z_labels)
-        if variant_names[sheet.variant]:
-            stem += "-" + variant_names[sheet.variant]
-        title = " | ".join([job.name, *sheet.z_labels, _variant_title(sheet.variant)])
-        page = 0
-        for pr in range(row_pages):
-            for pc in range(col_pages):
-                page += 1
-                image = render_page(sheet.cells, layout, plan.font, plan.x_labels,
-                                    plan.y_labels, title, pc * layout.cols, pr * layout.rows)
-                suffix = f"-p{page}" if col_pages * row_pages > 1 else ""
-                name = safe_name(stem.replace(" ", "_"), limit=170) + suffix + ".png"
-                path = folder / name
-                atomic_write(path, lambda tmp, im=image: im.save(tmp, format="PNG"))
-                written.append(path)
+    known = ledger.sheets(job.name) if ledger is not None else {}
+    if plan is not None:
+        for sheet in sheets(plan, max_pixels=job.output.grid_spec.max_pixels,
+                            max_side=max_side):
+            path = folder / sheet.name
+            if not _ours_to_write(path, known.get(path)):
+                if warn:
+                    warn(f"{path} exists and is not a sheet render wrote: left alone")
+                continue
+            image = sheet.draw()
+            info = _pnginfo(sheet.text, sheet.data)
+            atomic_write(path, lambda tmp, im=image, pi=info: im.save(tmp, format="PNG",
+                                                                        pnginfo=pi))
+            written.append(path)
+    if ledger is not None:
+        ledger.record_sheets(job.name, written)
+        for old, identity in known.items():
+            if old not in written and identity is not None and unchanged(old, identity):
+                old.unlink(missing_ok=True)
     return written
+
+
+def _ours_to_write(path: Path, identity: Any) -> bool:
+    """A free name, a sheet recorded and unchanged, or a file carrying our chunk."""
+    if not os.path.lexists(path):
+        return True
+    if not path.is_file() or path.is_symlink():
+        return False
+    return (identity is not None and unchanged(path, identity)) or is_sheet(path)

@@ -250,6 +250,21 @@ def write_output(result: Result, path: Path, fmt: str) -> list[Path] | None:
 
 
 # -- report ----------------------------------------------------------------------------------
+@hookspec(firstresult=True)
+def axis_label(key: str) -> str | None:
+    """The name grid sheets print for the axis ``key`` of your section, or None (not yours).
+
+    Sheets label a cell ``<name>: <value>`` as A1111's X/Y/Z plot does; the core names its
+    own keys (``cfg`` -> ``CFG Scale``) and prints any other key as written. Example::
+
+        @hookimpl
+        def axis_label(key):
+            if key.startswith("grain."):
+                return "Film grain " + key.split(".", 1)[1]
+            return "Film grain" if key == "grain" else None
+    """
+
+
 @hookspec
 def run_finished(run: RunReport) -> None:
     """Called once after the last write, also for partial or failed runs.

@@ -69,6 +69,14 @@ CREATE TABLE IF NOT EXISTS outputs (
     mtime_ns INTEGER,
     digest   TEXT                         -- blake2b-128 of its bytes, hex
 );
+CREATE TABLE IF NOT EXISTS sheets (
+    path     TEXT PRIMARY KEY,            -- a grid sheet render wrote, relative to the root
+    job      TEXT NOT NULL,
+    ord      INTEGER NOT NULL,            -- its place among the job's sheets
+    size     INTEGER,
+    mtime_ns INTEGER,
+    digest   TEXT
+);
 CREATE TABLE IF NOT EXISTS temps (
     path        TEXT PRIMARY KEY,         -- absolute: a temp file atomic_write is making
     pid         INTEGER NOT NULL,
@@ -340,6 +348,38 @@ class Ledger:
             (task.id, task.job, task.index, status, outputs, json.dumps(dict(timings)), error,
              infotext, json.dumps(task_settings(task), ensure_ascii=False), now),
         )
+
+    def record_sheets(self, job: str, paths: Iterable[Path | str]) -> None:
+        """The job's grid sheets are now these files, as they are on disk (in order)."""
+        rel = [self._rel(p) for p in paths]
+        identities = [file_identity(self._abs(p)) for p in rel]
+        with self._transaction() as db:
+            db.execute("DELETE FROM sheets WHERE job=?", (job,))
+            for n, (path, known) in enumerate(zip(rel, identities, strict=True)):
+                db.execute(
+                    "INSERT OR REPLACE INTO sheets (path, job, ord, size, mtime_ns, digest) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (path, job, n, *(astuple(known) if known else (None,) * 3)))
+
+    def sheets(self, job: str | None = None) -> dict[Path, FileIdentity | None]:
+        """Recorded grid sheets (of one job), in order, with their identity as written."""
+        sql = "SELECT path, size, mtime_ns, digest FROM sheets"
+        args: tuple[str, ...] = ()
+        if job is not None:
+            sql, args = sql + " WHERE job=?", (job,)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY job, ord", args).fetchall()
+        return {self._abs(r[0]): FileIdentity(*r[1:4]) if r[1] is not None else None
+                for r in rows}
+
+    def sheets_by_job(self) -> dict[str, list[Path]]:
+        """Each job's recorded grid sheets, in order."""
+        with self._lock:
+            rows = self._db.execute("SELECT job, path FROM sheets ORDER BY job, ord").fetchall()
+        out: dict[str, list[Path]] = {}
+        for job, path in rows:
+            out.setdefault(job, []).append(self._abs(path))
+        return out
 
     # -- temp files (the registry behind output.atomic_write) ----------------------------------
     def register_temp(self, path: Path | str) -> None:

@@ -186,6 +186,15 @@ def _same(path: Path, st: os.stat_result, known: FileIdentity) -> tuple[bool, Fi
     return False, None
 
 
+def unchanged(path: Path, known: FileIdentity) -> bool:
+    """Whether the file at ``path`` is still the one recorded as ``known`` (not a link)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and _same(path, st, known)[0]
+
+
 def check_file(path: Path, known: FileIdentity | None, key: Key, *,
                main: bool = True) -> tuple[str, FileIdentity | None]:
     """``ok``, ``missing`` or ``changed``, and an identity to record anew (same bytes with

@@ -114,6 +114,9 @@ class Runner:
         """Render ``tasks``; the exit code. The run's signal handlers stay until the summary
         is printed: a second signal aborts the rest (grids, gallery included), and the summary
         still tells what is on disk."""
+        self._planned: dict[str, list[Task]] = {}
+        for task in tasks:
+            self._planned.setdefault(task.job, []).append(task)
         roots = sorted(set(self.roots.values()))
         self._check_roots(roots)   # one located line, exit 2, before anything is written
         previous = {s: signal.signal(s, self._on_signal)
@@ -439,17 +442,20 @@ class Runner:
         report = RunReport(sorted(self.ledgers), self.jobs, self.ledgers, self.counts,
                            self.stop.is_set())
         for name, job in ({} if self.disk_full else self.jobs).items():   # nothing new written
-            if not (job.output.grid and job.grid_axes):
+            if not (job.output.grid and (job.grid_axes or job.output.grid_spec.chosen)):
                 continue
-            rows = self.ledgers[self.roots[name]].rows(job=name)
+            ledger = self.ledgers[self.roots[name]]
             try:
-                report.grids[name] = grids.build_grids(rows, job, output.job_dir(
-                    job, self.roots[name], now=self._started))
+                entries = grids.grid_entries(job, self._planned.get(name, []),
+                                             ledger.rows(job=name))
+                report.grids[name] = grids.build_grids(
+                    job, entries, output.job_dir(job, self.roots[name], now=self._started),
+                    ledger=ledger, axis_name=self._axis_name, warn=self._say)
             except Exception as exc:  # a sheet must never cost the night's images
                 log.warning("grid sheet for job %s failed: %s", name, exc)
         for root, ledger in ({} if self.disk_full else self.ledgers).items():
             try:
-                gallery.build_gallery(root, ledger, report.grids)
+                gallery.build_gallery(root, ledger)
             except Exception as exc:
                 log.warning("gallery for %s failed: %s", root, exc)
         try:
@@ -457,6 +463,18 @@ class Runner:
         except PluginError as exc:  # the night's images are written: a warning, not a failure
             print(f"warning: {exc}", file=sys.stderr)
         return report
+
+    @functools.cache  # noqa: B019 - one Runner per invocation; plugins never change
+    def _axis_name(self, key: str) -> str:
+        """A plugin's name for its axis, else the core's (a failing plugin: the key)."""
+        from render.grids import default_axis_name
+
+        try:
+            named = self.hook.axis_label(key=key)
+        except PluginError as exc:
+            print(f"warning: {exc}", file=sys.stderr)
+            named = None
+        return named if isinstance(named, str) and named else default_axis_name(key)
 
     def _summary(self) -> str:
         from render.progress import summary

@@ -47,6 +47,27 @@ class FileRef:
         }
 
 
+#: The default pixel limit of one grid sheet: well under Pillow's decompression-bomb limit
+#: (89.5 MP), so every viewer, Pillow and A1111's PNG Info open it.
+GRID_MAX_PIXELS = 40_000_000
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """``output.grid`` as a mapping: which dimension runs across (x), down (y) and from
+    sheet to sheet (z); None: the next one in the job's order. ``max_pixels``: the most one
+    sheet may have before it is split into parts."""
+
+    x: str | None = None
+    y: str | None = None
+    z: str | None = None
+    max_pixels: int = GRID_MAX_PIXELS
+
+    @property
+    def chosen(self) -> dict[str, str]:
+        return {k: v for k, v in (("x", self.x), ("y", self.y), ("z", self.z)) if v}
+
+
 @dataclass(frozen=True)
 class OutputSpec:
     """A job's ``output:`` section after defaults are applied."""
@@ -55,6 +76,7 @@ class OutputSpec:
     name: str = "{index:05}-{seed}"
     format: str = "png"
     grid: bool = True
+    grid_spec: GridSpec = GridSpec()
     options: Mapping[str, Any] = field(default_factory=dict)  # plugin-claimed output keys
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 from render import metadata
 from render.cli import main
 from render.ledger import Ledger
+from render.testing.checks import gallery_data
 
 FIXTURE = Path(__file__).parent / "fixtures" / "frames_plugin"
 FORMATS = ("gif", "webp", "mp4", "png-frames")
@@ -346,8 +347,8 @@ jobs:
     assert thumb is not None and thumb.is_file()
     small = np.asarray(Image.open(thumb).convert("RGB")).astype(int)
     assert np.abs(small - firsts[0].astype(int)).mean() < 8   # 64 px: kept at its size
-    page = (out / "index.html").read_text()
-    assert "<video" in page and 'src="g/0.mp4"' in page
+    (item,) = [im for im in gallery_data(out / "index.html")["images"] if im["n"] == "0.mp4"]
+    assert item["k"] == "video" and item["f"] == "g/0.mp4"     # a <video> of the file
 
 
 def test_gif_and_webp_thumbnails_are_their_first_frame(run):
@@ -365,10 +366,10 @@ def test_gif_and_webp_thumbnails_are_their_first_frame(run):
 
 def test_the_gallery_plays_gifs_and_animated_webps_in_the_page(run):
     out = run[2]
-    page = (out / "index.html").read_text()
+    items = {im["f"]: im["k"] for im in gallery_data(out / "index.html")["images"]}
     for fmt in ("gif", "webp"):
-        href = f"{fmt}/0.{fmt}"
-        assert f'<img src="{href}"' in page, fmt         # the animation itself, not a still
+        # "anim": the page shows the animation itself (an <img> of the file), not a still
+        assert items[f"{fmt}/0.{fmt}"] == "anim", fmt
 
 
 def test_a_single_image_webp_is_left_to_the_core_still_writer(tmp_path):

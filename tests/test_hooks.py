@@ -26,7 +26,7 @@ def run(tmp_path_factory, kit):
     job.write_text(f"""
 version: 1
 model_dirs: [{kit}]
-output: {{dir: "out/{{job}}", name: "{{index}}", grid: false}}
+output: {{dir: "out/{{job}}", name: "{{index}}"}}
 defaults: {{model: tiny-sd15, size: 64x64, steps: 2, sampler: Euler a}}
 jobs:
   - name: t
@@ -42,7 +42,8 @@ jobs:
 def test_run_succeeds(run):
     code, calls, out = run
     assert code == 0
-    assert sorted(p.name for p in (out / "t").iterdir()) == ["0.png", "0.txt", "1.png", "1.txt"]
+    assert sorted(p.name for p in (out / "t").iterdir()) == ["0.png", "0.txt", "1.png", "1.txt",
+                                                             "grids"]
 
 
 def test_register_task_fields_claims_the_key(run):
@@ -124,6 +125,20 @@ def test_write_output_first_result_wins_and_side_files_are_recorded(run):
     with Ledger(out) as ledger:
         paths = sorted(Path(p).name for row in ledger.rows(job="t") for p in row.paths)
     assert paths == ["0.png", "0.txt", "1.png", "1.txt"]
+
+
+def test_axis_label_names_the_plugins_axis_on_the_sheet(run):
+    import json
+
+    _, calls, out = run
+    assert "tint" in calls["axis_label"]
+    (sheet,) = (out / "t" / "grids").iterdir()
+    with Image.open(sheet) as im:
+        data = json.loads(im.text["render-grid"])
+        parameters = im.text["parameters"]
+    assert data["x"]["name"] == "Tint amount"
+    assert data["x"]["values"] == ["Tint amount: 0", "Tint amount: 0.5"]
+    assert "X Type: Tint amount, X Values: \"0, 0.5\"" in parameters
 
 
 def test_run_finished_gets_the_counts(run):

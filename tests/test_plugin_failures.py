@@ -159,6 +159,38 @@ def test_a_night_with_a_broken_plugin_renders_everything_else(tmp_path, kit, cap
     assert "Traceback" not in out + err
 
 
+def test_a_failing_axis_label_costs_only_the_label(tmp_path, kit, capsys, one_thread):
+    """Issue 15: ``axis_label`` raising is a warning naming the plugin; the sheet is written
+    with the key as its label."""
+    import json
+
+    from PIL import Image
+
+    mine = plugin(tmp_path / "p", "grain", """
+        from render import hookimpl
+
+        @hookimpl
+        def register_task_fields(register):
+            register("grain", lambda value, ctx: value)
+
+        @hookimpl
+        def axis_label(key):
+            raise RuntimeError("label broke")
+    """)
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        f"version: 1\nmodel_dirs: [{kit}]\noutput: {{dir: \"out/{{job}}\"}}\n"
+        "defaults: {model: tiny-sd15, size: 64x64, steps: 2, sampler: Euler}\njobs:\n"
+        "  - {name: g, prompt: a barn, grid: {grain: [a, b]}}\n")
+    assert main([str(path), "--plugins-dir", str(mine), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: plugin 'grain' failed in axis_label: RuntimeError: label broke" in err
+    (sheet,) = (tmp_path / "out" / "g" / "grids").iterdir()
+    with Image.open(sheet) as im:
+        assert json.loads(im.text["render-grid"])["x"]["values"] == ["grain: a", "grain: b"]
+    assert "Traceback" not in err
+
+
 # -- hook order ------------------------------------------------------------------------------
 
 ORDERED = """

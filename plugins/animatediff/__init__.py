@@ -57,6 +57,7 @@ from render.api import (
     hookimpl,
     load_frames,
     raise_all,
+    section_axis_label,
     strip_extra_networks,
 )
 
@@ -330,3 +331,11 @@ def result_metadata(task: Any, result: Any) -> dict[str, str] | None:
             f"{n}: {task.files[f'{KEY}:motion_lora:{n}'].sha256[:12]}"
             for n in section["motion_lora"])
     return fields
+
+
+@hookimpl
+def axis_label(key: str) -> str | None:
+    return section_axis_label(key, KEY, "AnimateDiff", {
+        "motion_module": "Motion module", "motion_lora": "Motion LoRA", "frames": "Frames",
+        "fps": "FPS", "context.length": "Context length", "context.stride": "Context stride",
+        "free_init": "FreeInit iterations"})

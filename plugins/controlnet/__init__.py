@@ -68,7 +68,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from render.api import FieldError, ModelKind, hookimpl, raise_all
+from render.api import FieldError, ModelKind, hookimpl, raise_all, section_axis_label
 
 from .annotators import annotator_refs
 from .infotext import infotext_fields
@@ -191,3 +191,8 @@ def postprocess(result: Any, task: Any) -> Any:
 def result_metadata(task: Any, result: Any) -> dict[str, str] | None:
     """``ControlNet <i>`` fields exactly as sd-webui-controlnet writes them."""
     return infotext_fields(task) or None
+
+
+@hookimpl
+def axis_label(key: str) -> str | None:
+    return section_axis_label(key, KEY, "ControlNet", {"scale": "weight"})

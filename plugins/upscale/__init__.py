@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from render.api import FieldError, hookimpl, raise_all
+from render.api import FieldError, hookimpl, raise_all, section_axis_label
 
 from . import extras, faces, hires
 from .resize import upscale_to
@@ -100,3 +100,15 @@ def result_metadata(task: Any, result: Any) -> dict[str, str] | None:
     if task.sections.get(extras.KEY):
         fields.update(extras.upscale_infotext(task))
     return fields or None
+
+
+@hookimpl
+def axis_label(key: str) -> str | None:
+    """A1111's names: ``Upscaler``, ``Hires upscaler``, ``Denoising strength`` ..."""
+    return (section_axis_label(key, extras.KEY, "Upscale",
+                               {"model": "Upscaler", "scale": "Upscale by"})
+            or section_axis_label(key, hires.KEY, "Hires",
+                                  {"strength": "Denoising strength", "scale": "Hires upscale",
+                                   "upscaler": "Hires upscaler", "steps": "Hires steps"})
+            or section_axis_label(key, faces.KEY, "Face restoration",
+                                  {"weight": "Face restoration weight"}))

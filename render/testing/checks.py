@@ -1,5 +1,5 @@
 """Checks that several test suites make the same way: a user mistake reported as one located
-line, and how many tasks a run's ledger records done."""
+line, how many tasks a run's ledger records done, and what a gallery page shows."""
 
 from __future__ import annotations
 
@@ -34,3 +34,16 @@ def done_count(out: Path) -> int:
             return len(ledger.done_keys())
     except Exception:  # noqa: BLE001 - mid-write by a run being killed: not done yet
         return 0
+
+
+def gallery_data(page: str | Path) -> dict[str, Any]:
+    """The data a gallery page's script reads (its ``gallery-data`` JSON block), from the
+    page's text or its path."""
+    import json
+    import re
+
+    text = page.read_text(encoding="utf-8") if isinstance(page, Path) else page
+    match = re.search(r'<script type="application/json" id="gallery-data">(.*?)</script>',
+                      text, re.S)
+    assert match, "no gallery-data block in the page"
+    return json.loads(match.group(1))

@@ -368,3 +368,42 @@ def test_one_job_name_in_two_files_is_one_line_naming_both(
     assert not any("also defined" in line for line in lines)     # (the model is missing)
     lines = refused([first, tmp_path / "." / "one.yaml"], capsys, "--dry-run")
     assert not any("also defined" in line for line in lines)
+
+
+# -- 15: output.grid chooses the axes --------------------------------------------------------
+
+@pytest.mark.parametrize(("output", "body", "line_no", "key", "message"), [
+    ("{dir: out, grid: {x: cgf}}", "    grid: {cfg: [5, 7]}\n", 9, "jobs[0].output.grid.x",
+     "'cgf' is not an axis of this job (axes: cfg, seed, prompt) (did you mean 'cfg'?)"),
+    ("{dir: out, grid: {x: cfg, y: cfg}}", "    grid: {cfg: [5, 7]}\n", 9,
+     "jobs[0].output.grid.y", "'cfg' is already x"),
+    ("{dir: out, grid: {x: cfg, max_pixels: 100}}", "    grid: {cfg: [5, 7]}\n", 9,
+     "jobs[0].output.grid.max_pixels", "expected a number of pixels >= 4096, got 100"),
+    ("{dir: out, grid: {x: cfg, w: seed}}", "    grid: {cfg: [5, 7]}\n", 9,
+     "jobs[0].output.grid.w", "unknown key"),
+    ("{dir: out, grid: {x: [cfg]}}", "    grid: {cfg: [5, 7]}\n", 9,
+     "jobs[0].output.grid.x", "expected an axis name"),
+])
+def test_a_bad_output_grid_is_one_line_at_its_key(tmp_path: Path, capsys, output: str,
+                                                  body: str, line_no: int, key: str,
+                                                  message: str) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(job(f"  - name: a\n    prompt: a cat\n{body}    output: {output}\n"))
+    (line,) = refused(path, capsys, "--dry-run")
+    assert message in located(line, path, line_no, key)
+
+
+def test_the_files_output_grid_serves_jobs_without_that_axis(tmp_path: Path, capsys) -> None:
+    """A top-level ``output.grid: {x: cfg}`` is for every job: one without a cfg axis is no
+    error, but a name that is no task key at all is one line, once (not once per job)."""
+    path = tmp_path / "job.yaml"
+    head = HEAD.replace('output: {dir: "out/{job}"}', 'output: {dir: "out/{job}", grid: {x: cfg}}')
+    jobs = ("jobs:\n  - name: a\n    prompt: a cat\n    grid: {cfg: [5, 7]}\n"
+            "  - name: b\n    prompt: a dog\n    grid: {steps: [20, 30]}\n")
+    path.write_text(head + jobs)
+    (line,) = refused(path, capsys, "--dry-run")     # only the (absent) model of the test
+    assert "defaults.model" in line and "output.grid" not in line
+    path.write_text(head.replace("x: cfg", "x: cgf") + jobs)
+    (line,) = refused(path, capsys, "--dry-run")        # once, though two jobs share it
+    assert "'cgf' is not a task key (did you mean 'cfg'?)" in located(line, path, 3,
+                                                                      "output.grid.x")
