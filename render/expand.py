@@ -112,6 +112,9 @@ class JobPlan:
         return where, self.key_paths.get(top, f"jobs[{self.job.name}].{top}") + subpath
 
 
+_SCALARS = (str, int, float, bool)
+
+
 @dataclass
 class JobFile:
     """A loaded, fully validated job file."""
@@ -127,7 +130,7 @@ class JobFile:
     fields: dict[tuple[str, str], FieldSpec]
     #: Jobs a failed plugin keeps from rendering: name -> why (the rest of the file renders).
     broken: dict[str, list[JobError]] = field(default_factory=dict)
-    _cache: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
+    _cache: dict[tuple[str, Any], Any] = field(default_factory=dict, repr=False)
 
     @property
     def task_count(self) -> int:
@@ -135,7 +138,9 @@ class JobFile:
 
     def normalise(self, key: str, raw: Any) -> Any:
         """Validate one top-level task key (cached: a grid revisits the same values)."""
-        token = json.dumps(jobfile.plain(raw), sort_keys=True, default=str)
+        # A plain scalar (most grid values) is its own key; anything else its JSON.
+        token: Any = ((type(raw).__name__, raw) if raw is None or type(raw) in _SCALARS
+                      else json.dumps(jobfile.plain(raw), sort_keys=True, default=str))
         cached = self._cache.get((key, token))
         if cached is None:
             ctx = FieldContext(self.path, self.base_dir)
@@ -927,13 +932,26 @@ def iter_tasks(plan: JobPlan) -> Iterator[Task]:
                     overrides[axis.key] = value
                 for axis, value in zip(plan.zip, row, strict=True):
                     overrides[axis.key] = value
+                # A cell's tasks differ only in seed and index unless something is drawn
+                # per task: then the first is built and the rest are copies (100,000 builds
+                # were a third of a large dry run).
+                first: Task | None = None
                 for seed in plan.seeds:
-                    yield _build_task(plan, base, overrides, expansion, draw, seed, index)
+                    if first is not None:
+                        yield first.evolve(seed=seed, index=index)
+                    else:
+                        task, seed_free = _build_task(plan, base, overrides, expansion, draw,
+                                                      seed, index)
+                        first = task if seed_free else None
+                        yield task
                     index += 1
 
 
 def _build_task(plan: JobPlan, base: dict[str, Any], overrides: dict[str, Any],
-                expansion: wildcards.Expansion, draw: int, seed: int, index: int) -> Task:
+                expansion: wildcards.Expansion, draw: int, seed: int,
+                index: int) -> tuple[Task, bool]:
+    """The task, and whether it is the same for every seed of its cell but the seed and
+    index (nothing drawn per task, no seed axis)."""
     jf = plan.file
     settings = dict(base)
     raw_sections: dict[str, Any] = {}
@@ -985,7 +1003,7 @@ def _build_task(plan: JobPlan, base: dict[str, Any], overrides: dict[str, Any],
                              settings.get("strength"), settings["steps"])
     if problem:   # a combination of axis values validation could not pair up
         raise JobError(*plan.locate(problem[0]), f"task {index}: {problem[1]}")
-    return Task(
+    task = Task(
         job=plan.job.name, index=index, prompt=prompt, negative=negative, seed=seed,
         model=settings.get("model") or "", width=width, height=height,
         steps=settings["steps"], cfg=settings["cfg"], sampler=sampler, schedule=schedule,
@@ -993,6 +1011,7 @@ def _build_task(plan: JobPlan, base: dict[str, Any], overrides: dict[str, Any],
         strength=settings.get("strength"), mask=settings.get("mask"), sections=sections,
         template=template, picks=picks, axes=dict(overrides), where=plan.job.where,
     )
+    return task, rng is None and "seed" not in overrides
 
 
 @functools.lru_cache(maxsize=256)

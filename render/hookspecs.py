@@ -118,8 +118,8 @@ def task_files(task: Task, models: ModelResolver) -> dict[str, FileRef] | None:
     """Resolve every file the plugin's section names; return ``{label: FileRef}``.
 
     ``models`` is the run's ``render.models.ModelResolver`` (``models.find(kind, name)``,
-    ``models.file_ref(kind, name, path)``); ``task.files["model"]`` is already resolved (its
-    ``family`` says sd1/sd2/sdxl). Raise ``FieldError(message, subkey)`` for a missing or
+    ``models.file_ref(kind, name, path)``); ``task.files`` (read only) holds what the core
+    and earlier plugins resolved: ``task.files["model"]``'s ``family`` says sd1/sd2/sdxl. Raise ``FieldError(message, subkey)`` for a missing or
     incompatible file: it becomes a ``file:line`` error before anything renders. The hashes
     go into the task id, the infotext and the provenance. ``models.deep_checks`` is True in a
     run and False in ``--dry-run``: only then may a check import torch and open weights (to

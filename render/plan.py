@@ -8,11 +8,11 @@ once (the most expensive switch outermost, as A1111's X/Y/Z plot does).
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from render import jobfile
@@ -125,12 +125,16 @@ class Preflight:
             except FieldError as exc:
                 self._fail(plan, "vae" if task.vae else "model", exc)
                 failed = True
-        # Each plugin sees the files found so far (the core's, then earlier plugins') on a
-        # task of its own; the task with every file and its id is made once, at the end.
+        # Each plugin sees the files found so far (the core's, then earlier plugins'), read
+        # only, on a task made again only when a plugin added some (a copy per plugin and
+        # task was most of a 100,000-task dry run); the task with every file and its id is
+        # made once, at the end.
+        view: Task | None = None
         for plugin_name, task_files in self.jf.plugins.ordered("task_files"):
+            if view is None:
+                view = task.evolve(files=MappingProxyType(dict(files)))
             try:
-                extra = task_files(task=dataclasses.replace(task, files=dict(files)),
-                                   models=self.models)
+                extra = task_files(task=view, models=self.models)
             except FieldError as exc:
                 for error in getattr(exc, "errors", [exc]):   # FieldErrors: several at once
                     self._fail(plan, error.key or plugin_key(task, plugin_name), error)
@@ -141,11 +145,12 @@ class Preflight:
                 return None
             if extra:
                 files.update(extra)
+                view = None
         if failed:
             self.blocked[plan.job.name] += 1
             return None
-        task = dataclasses.replace(task, files=files)
-        return dataclasses.replace(task, id=task.compute_id())
+        task = task.evolve(files=files)
+        return task.evolve(id=task.compute_id())
 
     def plugin_failed(self, plan: JobPlan, exc: PluginError, key: str = "model") -> None:
         """Record that a plugin failed on a task of ``plan`` (at ``key``): it is left out."""

@@ -79,6 +79,7 @@ class Plugins:
     _fields: dict[tuple[str, str], FieldSpec] | None = None
     _kinds: dict[str, tuple[str, Any]] | None = None   # kind name -> (plugin, ModelKind)
     _formats: dict[str, FormatSpec] | None = None
+    _order: dict[str, list[Any]] = field(default_factory=dict, repr=False)
 
     @property
     def hook(self) -> Any:
@@ -112,6 +113,7 @@ class Plugins:
         plugin = self.pm.get_plugin(name)
         if plugin is not None:
             self.pm.unregister(plugin)
+        self._order.clear()
         self.failures.append(PluginFailure(name, self.sources.pop(name, "?"), error))
         if self._fields is not None:
             self._fields = {k: s for k, s in self._fields.items() if s.plugin != name}
@@ -126,10 +128,14 @@ class Plugins:
         return [(impl.plugin_name, impl.function) for impl in self._impls(hook_name)]
 
     def _impls(self, hook_name: str) -> list[Any]:
-        """The hook's implementations (pluggy ``HookImpl``) in call order, no wrappers."""
-        caller = getattr(self.pm.hook, hook_name)
-        return [impl for impl in reversed(caller.get_hookimpls())
-                if not (impl.hookwrapper or impl.wrapper)]
+        """The hook's implementations (pluggy ``HookImpl``) in call order, no wrappers;
+        remembered until a plugin is registered or unloaded (preflight asks per task)."""
+        known = self._order.get(hook_name)
+        if known is None:
+            caller = getattr(self.pm.hook, hook_name)
+            known = self._order[hook_name] = [impl for impl in reversed(caller.get_hookimpls())
+                                              if not (impl.hookwrapper or impl.wrapper)]
+        return known
 
     def chain(self, hook_name: str, value_name: str, value: Any, **kwargs: Any) -> Any:
         """Pass ``value`` through every implementation in call order; None keeps it.
@@ -194,6 +200,7 @@ def _error_line(exc: BaseException) -> str:
 
 def _register(plugins: Plugins, name: str, source: str, load: Callable[[], Any]) -> None:
     """Import one plugin with ``load`` and register it; a failure is recorded, not raised."""
+    plugins._order.clear()
     try:
         plugins.pm.register(load(), name=name)
     except (Exception, SystemExit) as exc:  # a broken plugin must not stop the other jobs

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +141,19 @@ class Task:
     def short_id(self) -> str:
         return self.id[:12]
 
+    def evolve(self, **changes: Any) -> Task:
+        """``dataclasses.replace`` for the hot path: a shallow copy with ``changes`` set,
+        without running ``__init__`` again (Task has no ``__post_init__`` to skip). Preflight
+        makes two per task; through ``replace`` they were a third of a 100,000-task dry run."""
+        unknown = changes.keys() - _TASK_FIELDS
+        if unknown:
+            raise TypeError(f"Task has no field {sorted(unknown)[0]!r}")
+        new = object.__new__(Task)
+        state = new.__dict__   # frozen guards setattr, not the instance dict
+        state.update(self.__dict__)
+        state.update(changes)
+        return new
+
     def pixel_settings(self) -> dict[str, Any]:
         """Everything that decides the pixels, in a JSON-able form (the basis of the id)."""
         data: dict[str, Any] = {k: getattr(self, k) for k in PIXEL_KEYS}
@@ -184,6 +197,9 @@ class Task:
         if self.files:
             data["files"] = {label: ref.to_json() for label, ref in sorted(self.files.items())}
         return data
+
+
+_TASK_FIELDS = frozenset(f.name for f in fields(Task))
 
 
 def task_from_json(data: Mapping[str, Any], section_keys: list[str]) -> Task:
