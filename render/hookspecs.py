@@ -119,9 +119,10 @@ def task_files(task: Task, models: ModelResolver) -> dict[str, FileRef] | None:
 
     ``models`` is the run's ``render.models.ModelResolver`` (``models.find(kind, name)``,
     ``models.file_ref(kind, name, path)``); ``task.files`` (read only) holds what the core
-    and earlier plugins resolved: ``task.files["model"]``'s ``family`` says sd1/sd2/sdxl. Raise ``FieldError(message, subkey)`` for a missing or
-    incompatible file: it becomes a ``file:line`` error before anything renders. The hashes
-    go into the task id, the infotext and the provenance. ``models.deep_checks`` is True in a
+    and earlier plugins resolved: ``task.files["model"]``'s ``family`` says sd1/sd2/sdxl.
+    Raise ``FieldError(message, subkey)`` for a missing or incompatible file: it becomes a
+    ``file:line`` error before anything renders. The hashes go into the task id, the
+    infotext and the provenance. ``models.deep_checks`` is True in a
     run and False in ``--dry-run``: only then may a check import torch and open weights (to
     detect an architecture); a dry run stays torch-free. Example::
 
