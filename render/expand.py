@@ -645,11 +645,9 @@ def _grid_spec(jf: JobFile, value: MarkedMap, raw: dict[str, Any], path: str,
 
     The file's own ``output.grid`` serves every job, so there a name only has to be a task
     key: a job that does not vary it fills that slot from its own dimensions."""
-    names = [str(k) for section in ("grid", "zip") if isinstance(raw.get(section), dict)
-             for k in raw[section]]
-    choices = list(dict.fromkeys([*names, "seed", "prompt"]))
+    choices = list(dict.fromkeys([*_axis_keys(raw), "seed", "prompt"]))
     shared = path == "output.grid"
-    task_keys = sorted({*BUILTIN_DEFAULTS, "seed", "model", "schedule",
+    task_keys = sorted({*CORE_FIELDS, "seed", *AXIS_ONLY_KEYS,
                         *(k for (w, k) in jf.fields if w == "task")})
     spec: dict[str, Any] = {}
     seen: dict[str, str] = {}
@@ -683,12 +681,13 @@ def _name_fields(raw: dict[str, Any]) -> set[str]:
     (written on the job or in ``defaults``)."""
     from render import output as output_module
 
-    allowed = set(output_module.BUILTIN_FIELDS)
-    for section in ("grid", "zip"):
-        axes = raw.get(section)
-        if isinstance(axes, dict):
-            allowed.update(str(k) for k in axes)
-    return allowed
+    return {*output_module.BUILTIN_FIELDS, *_axis_keys(raw)}
+
+
+def _axis_keys(raw: dict[str, Any]) -> list[str]:
+    """The job's grid and zip axis keys (written on the job or in ``defaults``), in order."""
+    return [str(k) for section in ("grid", "zip") if isinstance(raw.get(section), dict)
+            for k in raw[section]]
 
 
 def _name_samples(raw: dict[str, Any]) -> dict[str, list[Any]]:

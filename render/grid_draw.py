@@ -35,6 +35,11 @@ def font_for_cell(cell_w: int, cell_h: int) -> Any:
     return font(max(12, min(72, round((cell_w + cell_h) / 25))))
 
 
+def pad_for(fnt: Any) -> int:
+    """The margin around labels and between panels, in proportion to the font."""
+    return max(4, getattr(fnt, "size", 12) // 3)
+
+
 def text_width(fnt: Any, text: str) -> int:
     return int(math.ceil(fnt.getlength(text)))
 
@@ -150,7 +155,7 @@ def make_layout(fnt: Any, x_labels: Sequence[str], y_labels: Sequence[str],
     ``cell_texts`` (the reasons written into empty cells) widen the cells too, so that even
     a blank's error wraps at words. The wrapped ``title`` counts against the limits.
     """
-    pad = max(4, getattr(fnt, "size", 12) // 3)
+    pad = pad_for(fnt)
     lh = line_height(fnt)
     cw = max(image_size[0], widest_word(fnt, [*x_labels, *cell_texts]) + 2 * pad, 16)
     ch = max(image_size[1], 16)
@@ -163,7 +168,7 @@ def make_layout(fnt: Any, x_labels: Sequence[str], y_labels: Sequence[str],
                      min(natural, max(round(cw * 0.75), 8 * getattr(fnt, "size", 12))))
         left = target + 2 * pad
     n_cols, n_rows = len(x_labels) or 1, len(y_labels) or 1
-    best = (0, 0, 1, 1)                  # (cells, cols, cols, rows): most cells, then widest
+    best = (0, 1, 1)                     # (cells, cols, rows): most cells, then widest
     for cols in range(max(1, min(n_cols, (max_side - left) // cw)), 0, -1):
         width = left + cols * cw
         title_h = with_title(Layout(cw, ch, left, 0, top, cols, 1, pad), fnt, title).title
@@ -171,10 +176,10 @@ def make_layout(fnt: Any, x_labels: Sequence[str], y_labels: Sequence[str],
         rows = min(n_rows, (height - title_h - top) // ch)
         if rows < 1:
             continue                     # not even one row at this width
-        best = max(best, (cols * rows, cols, cols, rows))
+        best = max(best, (cols * rows, cols, rows))
         if rows == n_rows:
             break                        # fewer columns cannot fit more cells
-    _, _, cols, rows = best
+    _, cols, rows = best
     layout = Layout(cw, ch, left, 0, top, cols, rows, pad)
     return with_title(layout, fnt, title)
 
@@ -196,9 +201,14 @@ def title_block(fnt: Any, title: str, width: int, pad: int) -> tuple[list[str], 
     return lines, len(lines) * line_height(fnt) + 2 * pad
 
 
+def page_width(layout: Layout, fnt: Any, title: str) -> int:
+    """The page's width: its cells and margins, or the title's widest word if wider."""
+    return max(layout.size[0], widest_word(fnt, [title]) + 2 * layout.pad)
+
+
 def with_title(layout: Layout, fnt: Any, title: str) -> Layout:
     """``layout`` with the title block that ``title`` needs at the page's width."""
-    width = max(layout.size[0], widest_word(fnt, [title]) + 2 * layout.pad)
+    width = page_width(layout, fnt, title)
     return replace(layout, title=title_block(fnt, title, width, layout.pad)[1])
 
 
@@ -209,7 +219,7 @@ def render_page(layout: Layout, fnt: Any, title: str, x_labels: Sequence[str],
     from PIL import Image, ImageDraw
 
     pad = layout.pad
-    width = max(layout.size[0], widest_word(fnt, [title]) + 2 * pad)
+    width = page_width(layout, fnt, title)
     lines, title_h = title_block(fnt, title, width, pad)
     assert title_h == layout.title, "render_page takes a layout from with_title"
     sheet = Image.new("RGB", (width, layout.size[1]), BACKGROUND)
@@ -250,39 +260,52 @@ def _paste(sheet: Any, image: Any, box: tuple[int, int, int, int]) -> None:
     sheet.paste(image, (box[0] + (cw - image.width) // 2, box[1] + (ch - image.height) // 2))
 
 
+@dataclass(frozen=True)
+class _Combined:
+    """Where things go on a combined sheet."""
+
+    width: int
+    height: int
+    title: list[str]
+    title_h: int
+    heads: list[list[str]]
+    head_h: int
+    gap: int
+
+
+def _combined_geometry(fnt: Any, title: str, panels: Sequence[tuple[str, tuple[int, int]]],
+                       pad: int) -> _Combined:
+    gap = 4 * pad
+    width = sum(s[0] for _, s in panels) + gap * (len(panels) - 1)
+    width = max(width, widest_word(fnt, [title]) + 2 * pad)
+    lines, title_h = title_block(fnt, title, width, pad)
+    heads = [wrap(fnt, label, max(s[0] - 2 * pad, widest_word(fnt, [label])))
+             for label, s in panels]
+    head_h = max(len(h) for h in heads) * line_height(fnt) + 2 * pad
+    height = title_h + head_h + max(s[1] for _, s in panels)
+    return _Combined(width, height, lines, title_h, heads, head_h, gap)
+
+
 def combine(fnt: Any, title: str, panels: Sequence[tuple[str, Any]], pad: int) -> Any:
     """A1111's combined X/Y/Z sheet: each Z value's sheet side by side under its Z label,
     the job's title above them all."""
     from PIL import Image, ImageDraw
 
-    gap = 4 * pad
-    width = sum(p.width for _, p in panels) + gap * (len(panels) - 1)
-    width = max(width, widest_word(fnt, [title]) + 2 * pad)
-    lines, title_h = title_block(fnt, title, width, pad)
-    lh = line_height(fnt)
-    heads = [wrap(fnt, label, max(p.width - 2 * pad, widest_word(fnt, [label])))
-             for label, p in panels]
-    head_h = max(len(h) for h in heads) * lh + 2 * pad
-    height = title_h + head_h + max(p.height for _, p in panels)
-    sheet = Image.new("RGB", (width, height), BACKGROUND)
+    g = _combined_geometry(fnt, title, [(label, p.size) for label, p in panels], pad)
+    sheet = Image.new("RGB", (g.width, g.height), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
-    draw_lines(draw, fnt, lines, (pad, pad, width - pad, title_h), centre=False)
+    draw_lines(draw, fnt, g.title, (pad, pad, g.width - pad, g.title_h), centre=False)
     x = 0
-    for head, (_, panel) in zip(heads, panels, strict=True):
-        draw_lines(draw, fnt, head, (x, title_h + pad, x + panel.width, title_h + head_h - pad))
-        sheet.paste(panel, (x, title_h + head_h))
-        x += panel.width + gap
+    for head, (_, panel) in zip(g.heads, panels, strict=True):
+        draw_lines(draw, fnt, head,
+                   (x, g.title_h + pad, x + panel.width, g.title_h + g.head_h - pad))
+        sheet.paste(panel, (x, g.title_h + g.head_h))
+        x += panel.width + g.gap
     return sheet
 
 
 def combined_size(fnt: Any, title: str, panels: Sequence[tuple[str, tuple[int, int]]],
                   pad: int) -> tuple[int, int]:
     """The size ``combine`` would give, without drawing (to check it against the limits)."""
-    gap = 4 * pad
-    width = sum(s[0] for _, s in panels) + gap * (len(panels) - 1)
-    width = max(width, widest_word(fnt, [title]) + 2 * pad)
-    _, title_h = title_block(fnt, title, width, pad)
-    lh = line_height(fnt)
-    head_h = max(len(wrap(fnt, label, max(s[0] - 2 * pad, widest_word(fnt, [label]))))
-                 for label, s in panels) * lh + 2 * pad
-    return width, title_h + head_h + max(s[1] for _, s in panels)
+    g = _combined_geometry(fnt, title, panels, pad)
+    return g.width, g.height

@@ -164,7 +164,6 @@ class Dim:
     keys: list[str] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)   # "CFG Scale: 5"
     slugs: list[str] = field(default_factory=list)    # "5" (file names)
-    raw: list[Any] = field(default_factory=list)
 
     def position(self, value: Any) -> int:
         return self.keys.index(_key(value))
@@ -174,11 +173,6 @@ class Dim:
             self.keys.append(_key(value))
             self.labels.append(f"{self.name}: {text}")
             self.slugs.append(slug)
-            self.raw.append(value)
-
-    @property
-    def file_key(self) -> str:
-        return self.key
 
 
 def dimensions(job: Job, entries: Sequence[Entry],
@@ -290,7 +284,7 @@ def plan_grids(job: Job, entries: Sequence[Entry],
         sheet_set = sets.get(key)
         if sheet_set is None:
             labels = [d.labels[i] for d, i in zip(rest, rest_at, strict=True)]
-            parts = [f"{d.file_key}={d.slugs[i]}" for d, i in zip(rest, rest_at, strict=True)]
+            parts = [f"{d.key}={d.slugs[i]}" for d, i in zip(rest, rest_at, strict=True)]
             if repeat:
                 labels.append(f"repeat {repeat + 1}")
                 parts.append(f"n{repeat + 1}")
@@ -344,14 +338,14 @@ def cell_art(entry: Entry | None) -> grid_draw.CellArt:
     from PIL import Image
 
     reason = blank_reason(entry)
-    if reason is not None or entry is None or entry.row is None:
+    row = entry.row if entry else None
+    if reason is not None or row is None:
         return grid_draw.CellArt(reason=reason or "no such task",
-                                 failed=bool(entry and entry.row
-                                             and entry.row.status == "failed"))
+                                 failed=row is not None and row.status == "failed")
     try:
-        return grid_draw.CellArt(image=first_frame(entry.row.paths[0]))
+        return grid_draw.CellArt(image=first_frame(row.paths[0]))
     except (OSError, ValueError, Image.DecompressionBombError):
-        return grid_draw.CellArt(reason=f"file unreadable: {entry.row.paths[0].name}")
+        return grid_draw.CellArt(reason=f"file unreadable: {row.paths[0].name}")
 
 
 # -- metadata -----------------------------------------------------------------------------------
@@ -432,6 +426,11 @@ def _title(job: Job, labels: Sequence[str]) -> str:
     return "  ·  ".join([job.name, *labels])
 
 
+def _stem(job: Job, parts: Sequence[str]) -> str:
+    """A sheet's file stem: ``<job>-grid`` and its set's and Z value's ``key=value`` parts."""
+    return safe_name("-".join([f"{job.name}-grid", *parts]).replace(" ", "_"), limit=170)
+
+
 def sheets(plan: GridPlan, *, max_pixels: int, max_side: int = MAX_SIDE) -> list[Sheet]:
     """Every sheet of the plan in the order the gallery shows them: per set, the combined
     sheet first, then one per Z value, each maybe in parts."""
@@ -442,14 +441,13 @@ def sheets(plan: GridPlan, *, max_pixels: int, max_side: int = MAX_SIDE) -> list
     reasons = [r for s in plan.sets for e in s.cells.values()
                if (r := blank_reason(e)) is not None]
     out: list[Sheet] = []
-    stem0 = f"{plan.job.name}-grid"
     for sheet_set in plan.sets:
         per_z: list[Sheet] = []
         panels: list[tuple[str, tuple[int, int], Callable[[], Any]]] = []
         split = False
         for zi in range(z_count):
             z_label = [plan.z.labels[zi]] if plan.z else []
-            z_part = [f"{plan.z.file_key}={plan.z.slugs[zi]}"] if plan.z else []
+            z_part = [f"{plan.z.key}={plan.z.slugs[zi]}"] if plan.z else []
             cells = {(x, y): e for (z, x, y), e in sheet_set.cells.items() if z == zi}
             if not cells:
                 continue
@@ -462,8 +460,7 @@ def sheets(plan: GridPlan, *, max_pixels: int, max_side: int = MAX_SIDE) -> list
             row_pages = -(-max(len(y_labels), 1) // layout.rows)
             total = col_pages * row_pages
             text = sheet_infotext(plan, [cells[k] for k in sorted(cells)])
-            stem = safe_name("-".join([stem0, *sheet_set.name_parts, *z_part]).replace(" ", "_"),
-                             limit=170)
+            stem = _stem(plan.job, [*sheet_set.name_parts, *z_part])
             for page in range(total):
                 c0, r0 = (page % col_pages) * layout.cols, (page // col_pages) * layout.rows
                 page_layout = grid_draw.with_title(
@@ -494,17 +491,15 @@ def _combined(plan: GridPlan, sheet_set: SheetSet, fnt: Any,
     if plan.z is None or z_count < 2 or len(panels) < 2:
         return []
     title = _title(plan.job, sheet_set.labels)
-    pad = max(4, getattr(fnt, "size", 12) // 3)
+    pad = grid_draw.pad_for(fnt)
     w, h = grid_draw.combined_size(fnt, title, [(lbl, size) for lbl, size, _ in panels], pad)
     if w > max_side or h > max_side or w * h > max_pixels:
         return []
-    stem = "-".join([f"{plan.job.name}-grid", *sheet_set.name_parts])
-
     def draw() -> Any:
         return grid_draw.combine(fnt, title, [(lbl, fn()) for lbl, _, fn in panels], pad)
 
     text = sheet_infotext(plan, [sheet_set.cells[k] for k in sorted(sheet_set.cells)])
-    return [Sheet(safe_name(stem.replace(" ", "_"), limit=170) + ".png", draw, text,
+    return [Sheet(_stem(plan.job, sheet_set.name_parts) + ".png", draw, text,
                   _sheet_json(plan, sheet_set.labels, (1, 1), sheet_set.cells))]
 
 

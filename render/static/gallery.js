@@ -46,6 +46,16 @@
     });
     return span;
   }
+  /* A <select> of [value, text] options with ``current`` chosen; ``change(value)`` on change. */
+  function selectBox(attrs, options, current, change) {
+    const select = el("select", attrs, ...options.map(function (o) {
+      const option = el("option", { value: o[0], text: o[1] });
+      if (o[0] === current) option.selected = true;
+      return option;
+    }));
+    select.addEventListener("change", function () { change(select.value); });
+    return select;
+  }
   function markSmall(img) {
     img.addEventListener("load", function () {
       if (img.naturalWidth && img.naturalWidth < 128 && img.naturalHeight < 128) {
@@ -138,14 +148,10 @@
   }
 
   function controls(count, failedCount) {
-    const jobSelect = el("select", { id: "job-filter", "aria-label": "job",
-      onchange: function () { state.job = jobSelect.value; state.axes = {}; state.page = 1; draw(); } },
-      el("option", { value: "", text: "all jobs (" + JOBS.length + ")" }),
-      ...JOBS.map(function (j) {
-        const o = el("option", { value: j.name, text: j.name + " (" + j.done + ")" });
-        if (j.name === state.job) o.selected = true;
-        return o;
-      }));
+    const jobSelect = selectBox({ id: "job-filter", "aria-label": "job" },
+      [["", "all jobs (" + JOBS.length + ")"]].concat(JOBS.map(function (j) {
+        return [j.name, j.name + " (" + j.done + ")"]; })),
+      state.job, function (value) { state.job = value; state.axes = {}; state.page = 1; draw(); });
     const search = el("input", { type: "search", id: "text-filter", placeholder: "prompt, settings, file name",
       "aria-label": "text", value: state.q });
     search.addEventListener("change", function () { state.q = search.value; state.page = 1; draw(); });
@@ -158,16 +164,12 @@
       // all jobs: only the seed (every job has one); one job: each of its axes that varies
       if (!state.job && k !== "seed" && !(k in state.axes)) return;
       if (axes[k].length < 2 && !(k in state.axes)) return;
-      const select = el("select", { class: "axis-filter", "data-axis": k, "aria-label": k,
-        onchange: function () {
-          if (select.value === "") delete state.axes[k]; else state.axes[k] = select.value;
+      const select = selectBox({ class: "axis-filter", "data-axis": k, "aria-label": k },
+        [["", "any"]].concat(axes[k].map(function (v) { return [v, v]; })),
+        state.axes[k] === undefined ? "" : state.axes[k], function (value) {
+          if (value === "") delete state.axes[k]; else state.axes[k] = value;
           state.page = 1; draw();
-        } }, el("option", { value: "", text: "any" }),
-        ...axes[k].map(function (v) {
-          const o = el("option", { value: v, text: v });
-          if (state.axes[k] === v) o.selected = true;
-          return o;
-        }));
+        });
       parts.push(el("label", {}, k + " ", select));
     });
     const compare = el("button", { id: "compare", class: state.chosen.length === 2 ? "primary" : "",
@@ -189,13 +191,9 @@
     const next = el("button", { class: "next", text: "Next →", onclick: function () { state.page++; draw(); } });
     prev.disabled = state.page <= 1;
     next.disabled = state.page >= pages;
-    const size = el("select", { "aria-label": "per page", onchange: function () {
-      state.size = parseInt(size.value, 10); state.page = 1; draw(); } },
-      ...PAGE_SIZES.map(function (n) {
-        const o = el("option", { value: String(n), text: n + " per page" });
-        if (n === state.size) o.selected = true;
-        return o;
-      }));
+    const size = selectBox({ "aria-label": "per page" },
+      PAGE_SIZES.map(function (n) { return [String(n), n + " per page"]; }), String(state.size),
+      function (value) { state.size = parseInt(value, 10); state.page = 1; draw(); });
     return el("div", { class: "pager" }, prev, el("span", { class: "page", text: "page " + state.page + " of " + pages }), next, size);
   }
 
