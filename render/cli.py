@@ -44,6 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch device (cuda, cuda:1, mps, cpu); default: best available")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="weights dtype; default bf16/fp16 on GPUs, fp32 on CPU")
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="where batches render: in this process (default), or on Ray "
+                             "workers, one per GPU of this box or of a Ray cluster "
+                             "(pip install 'render[ray]')")
+    parser.add_argument("--address", metavar="ADDR",
+                        help="with --executor ray: the Ray cluster to join (auto, "
+                             "ray://head:10001); default: start one on this machine")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="with --executor ray: render workers (default: one per GPU of "
+                             "the cluster; 1 on a CPU-only one)")
     parser.add_argument("--replay", metavar="IMAGE",
                         help="re-render IMAGE from its embedded provenance")
     parser.add_argument("--show", metavar="IMAGE", help="print IMAGE's generation settings")
@@ -84,6 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--json needs --dry-run")
         if args.limit is not None and args.limit < 0:
             parser.error("--limit must be >= 0")
+        if args.executor != "ray" and (args.address or args.workers is not None):
+            parser.error("--address and --workers need --executor ray")
+        if args.workers is not None and args.workers < 1:
+            parser.error("--workers must be >= 1")
         return run.run(args)
     except JobErrors as exc:
         for error in exc.errors:

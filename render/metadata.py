@@ -505,6 +505,8 @@ def describe_result(result: Result, plugins: Any, versions: dict[str, str],
     prov = provenance(task, versions=versions, device=device, timings=result.timings,
                       infotext=text)
     prov["notes"] = list(result.notes)
+    if result.executor:   # which worker on which node (the only trace an executor leaves)
+        prov["executor"] = dict(result.executor)
     if len(result.images) > 1:   # an animation: what its writer honours, read back by replay
         prov["animation"] = {"frames": len(result.images), "fps": result.fps,
                              "loop": result.loop}

@@ -18,7 +18,7 @@ from typing import Any
 from render import expand
 from render.errors import EXIT_FAILED, EXIT_OK, JobError, JobErrors, PluginError, UserError
 from render.expand import JobFile, JobPlan
-from render.plan import Preflight, check_device_available, plugin_key
+from render.plan import Preflight, plugin_key
 from render.plugins import Plugins, load_plugins
 from render.tasks import Task
 
@@ -195,12 +195,18 @@ def run(args: Any) -> int:
     if args.dry_run:
         return dry_run(plans, plugins, checkers, args, broken)
     tasks = resolve_tasks(plans, plugins, args.limit, checkers, deep=True)
-    check_device_available(args.device)   # before any ledger, gallery or model is touched
+    from render.executors import make_executor
+
+    executor = make_executor(plugins, args)
+    executor.check()   # the device, Ray: before any ledger, gallery or model is touched
     broken |= broken_at_preflight(checkers)
     report_broken(broken)
     from render.runner import Runner
 
-    code = Runner(plans, plugins, args).run(tasks)
+    try:
+        code = Runner(plans, plugins, args, executor).run(tasks)
+    finally:
+        executor.close()
     return code if code != EXIT_OK or not broken else EXIT_FAILED
 
 

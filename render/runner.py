@@ -1,10 +1,12 @@
-"""The render loop: ledger and lock, batches through the engine, writes, the report.
+"""The render loop: ledger and lock, batches through the executor, writes, the report.
 
-The GPU never waits for the disk: encoding and writing run on one writer thread while the
-next batch renders. The ledger row for a task is committed only after its file is in place,
-so ``kill -9`` at any moment loses at most the images in flight and never leaves a partial
-file under a final name; the next run believes the disk over the ledger
-(``render.reconcile``). SIGINT/SIGTERM finish the batch in flight, write it, and stop; a
+The GPU never waits for the disk: encoding and writing run on writer threads while the next
+batch renders. Where batches render is the executor's business (``render.executors``: in this
+process, or on Ray workers); this module alone records, writes and counts, so the ledger has
+one writer whatever the executor. The ledger row for a task is committed only after its file
+is in place, so ``kill -9`` at any moment loses at most the images in flight and never leaves
+a partial file under a final name; the next run believes the disk over the ledger
+(``render.reconcile``). SIGINT/SIGTERM finish the batches in flight, write them, and stop; a
 second signal aborts at once, the summary still printed (exit 130). A full disk stops the
 run cleanly: one message, the summary, exit 1.
 """
@@ -19,7 +21,6 @@ import sqlite3
 import sys
 import threading
 import time
-import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
@@ -38,10 +39,11 @@ from render.errors import (
     PluginError,
     UserError,
 )
+from render.executors.work import Failure, failure_message
 from render.expand import JobPlan
-from render.plan import make_batches, split
+from render.plan import make_batches
 from render.plugins import Plugins
-from render.tasks import Batch, Job, Result, Task
+from render.tasks import Job, Result, Task
 
 log = logging.getLogger("render")
 
@@ -79,8 +81,12 @@ class RunReport:
 class Runner:
     """Renders planned tasks; one instance per invocation."""
 
-    def __init__(self, plans: list[JobPlan], plugins: Plugins, args: Any) -> None:
+    def __init__(self, plans: list[JobPlan], plugins: Plugins, args: Any,
+                 executor: Any = None) -> None:
+        from render.executors.local import LocalExecutor
+
         self.plans = plans
+        self.executor = executor if executor is not None else LocalExecutor(plugins, args)
         self.plugins = plugins
         self.hook = plugins.pm.hook
         self.args = args
@@ -90,7 +96,6 @@ class Runner:
         self.counts = Counts()
         self._counts_lock = threading.Lock()   # the writer thread counts too
         self.stop = threading.Event()
-        self.engine: Any = None
         self.ledgers: dict[Path, Any] = {}
         self._paths: dict[tuple[str, int], Path] = {}
         self._started = datetime.now()
@@ -266,89 +271,41 @@ class Runner:
         if not todo:
             self.progress.close()
             return
-        from render.engine import Engine
-
-        self.engine = Engine(self.plugins.pm, device=self.args.device, dtype=self.args.dtype)
         firsts, self._shared = share_first_passes(todo, self.plugins.post_keys())
-        batches = make_batches(firsts, self.hook, self.args.batch_size, self._fail_rendering)
-        if self.args.batch_size <= 0:
-            batches = list(split(batches, self.engine.batch_size_for))
+        batches = make_batches(firsts, self.hook, self.args.batch_size,
+                               lambda task, exc: self._fail_rendering(task, failure_message(exc)))
         pending: list[Future[Any]] = []
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer") as writer:
-            for batch in batches:
-                if self.stop.is_set():
-                    break
-                # No "started" line here: the writer announces a job with its first written
-                # image, so every count a line shows is what is on disk at that moment.
-                for rendered in self._render_batch(batch):
-                    for result in self._post_passes(rendered):
-                        result = self._postprocess(result)
-                        if result is None:
-                            continue
-                        pending.append(writer.submit(self._write, result))
-                        for twin in self._twins.get(result.task.id, ()):
-                            pending.append(writer.submit(self._write, dataclasses.replace(
-                                result, task=twin, provenance={},
-                                timings=dict(result.timings))))
-                # Bound memory: at most about two batches of images wait for the disk.
-                while len(pending) > 2 * len(batch.tasks):
+        threads = self.executor.writers
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="writer") as writer:
+            # No "started" line here: the writer announces a job with its first written
+            # image, so every count a line shows is what is on disk at that moment.
+            for outcomes in self.executor.render(batches, self._shared, self.stop):
+                for outcome in outcomes:
+                    if isinstance(outcome, Failure):
+                        self._fail_rendering(outcome.task, outcome.message,
+                                             shared=outcome.shared)
+                        continue
+                    pending.append(writer.submit(self._write, outcome))
+                    for twin in self._twins.get(outcome.task.id, ()):
+                        pending.append(writer.submit(self._write, dataclasses.replace(
+                            outcome, task=twin, provenance={},
+                            timings=dict(outcome.timings))))
+                # Bound memory: at most about two batches of images per writer wait.
+                while len(pending) > 2 * threads * max(1, len(outcomes)):
                     pending.pop(0).result()
             for future in pending:
                 future.result()
         self.progress.close()
 
-    def _render_batch(self, batch: Batch) -> list[Result]:
-        """Render a batch; on failure retry its tasks one by one so one bad task fails alone."""
-        try:
-            return self.engine.render(batch)
-        except Exception as exc:  # isolate: the night goes on
-            if len(batch.tasks) == 1:
-                self._fail_rendering(batch.first, exc)
-                return []
-        results = []
-        for task in batch.tasks:
-            try:
-                results.extend(self.engine.render(Batch(batch.key, (task,))))
-            except Exception as exc:
-                self._fail_rendering(task, exc)
-        return results
-
-    def _post_passes(self, rendered: Result) -> list[Result]:
-        """The first pass's result for its own task, then a copy for every task that shares
-        it (same first pass, other post settings), each to be postprocessed on its own.
-        The copies are made before any postprocess runs: each starts from the first pass."""
-        copies = [dataclasses.replace(
-            rendered, task=task, images=[_copy_image(im) for im in rendered.images],
-            extras=dict(rendered.extras), timings=dict(rendered.timings, load=0.0),
-            notes=list(rendered.notes), provenance={})
-            for task in self._shared.get(rendered.task.id, ())]
-        return [rendered, *copies]
-
-    def _postprocess(self, result: Result) -> Result | None:
-        start = time.perf_counter()
-        try:
-            done = self.plugins.chain("postprocess", "result", result, task=result.task,
-                                      renderer=self.engine.renderer)
-        except Exception as exc:
-            self._fail_rendering(result.task, exc, shared=False)
-            return None
-        done.timings["post"] = time.perf_counter() - start
-        return done
-
-    def _fail_rendering(self, task: Task, exc: BaseException, *, shared: bool = True) -> None:
+    def _fail_rendering(self, task: Task, message: str, *, shared: bool = True) -> None:
         """A task that could not be rendered fails with the twins waiting for its images,
         and (``shared``: its first pass failed) with the tasks sharing its first pass."""
         waiting = [task, *(self._shared.get(task.id, ()) if shared else ())]
         for each in waiting:
             for failed in (each, *self._twins.get(each.id, ())):
-                self._fail(failed, exc)
+                self._fail(failed, message)
 
-    def _fail(self, task: Task, exc: BaseException) -> None:
-        message = (str(exc) if isinstance(exc, (PluginError, UserError))
-                   else f"{type(exc).__name__}: {exc}")
-        message = message.strip()
-        log.debug("task %s failed:\n%s", task.short_id, "".join(
-            traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    def _fail(self, task: Task, message: str) -> None:
         try:
             self.ledgers[self.roots[task.job]].record_failed(task, message)
         except Exception as error:
@@ -384,7 +341,7 @@ class Runner:
             ledger = self.ledgers[root]
             path = self._path_for(task)
             self._claim(ledger, path, task)
-            versions, device = self._environment()
+            versions, device = self._environment(result)
             infotext, prov = metadata.describe_result(result, self.plugins, versions, device)
             result = dataclasses.replace(result, provenance=prov)
             start = time.monotonic()
@@ -410,7 +367,7 @@ class Runner:
             if reconcile.disk_full(exc):
                 self._stop_disk_full(root, exc)
             else:
-                self._fail(task, exc)
+                self._fail(task, failure_message(exc))
 
     def _claim(self, ledger: Any, path: Path, task: Task) -> None:
         """Free ``path`` for ``task``'s file: a changed file of ours is moved aside (one
@@ -427,10 +384,10 @@ class Runner:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    @functools.cache  # noqa: B019 - one Runner per invocation; the engine never changes
-    def _environment(self) -> tuple[dict[str, str], str]:
-        """Versions (torch, diffusers, each plugin's source) and the device, once per run."""
-        described = self.engine.describe() if self.engine else {}
+    def _environment(self, result: Result) -> tuple[dict[str, str], str]:
+        """Versions (torch, diffusers, each plugin's source) and the device that rendered
+        ``result`` (the executor's engine for it)."""
+        described = self.executor.describe(result)
         versions = {"render": __version__, **described.get("versions", {}),
                     **{f"plugin:{name}": source for name, source in self.plugins.sources.items()}}
         return versions, described.get("device", "")
@@ -479,7 +436,8 @@ class Runner:
     def _summary(self) -> str:
         from render.progress import summary
 
-        return summary(self.counts, interrupted=self.stop.is_set() and not self.disk_full)
+        text = summary(self.counts, interrupted=self.stop.is_set() and not self.disk_full)
+        return "\n".join([text, *self.executor.worker_lines()])
 
 
 def share_first_passes(tasks: list[Task], post_keys: frozenset[str],
@@ -498,8 +456,3 @@ def share_first_passes(tasks: list[Task], post_keys: frozenset[str],
             firsts[key] = task
     return list(firsts.values()), shared
 
-
-def _copy_image(image: Any) -> Any:
-    """A PIL image copied (a plugin may change an image in place); other values as they are."""
-    copy = getattr(image, "copy", None)
-    return copy() if callable(copy) else image

@@ -12,6 +12,7 @@ import json
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from render.errors import Location
@@ -154,6 +155,12 @@ class Task:
         state.update(changes)
         return new
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable, for a Ray worker: a read-only view (preflight shares one ``files`` view
+        among plugins) travels as a plain dict."""
+        return {k: dict(v) if isinstance(v, MappingProxyType) else v
+                for k, v in self.__dict__.items()}
+
     def pixel_settings(self) -> dict[str, Any]:
         """Everything that decides the pixels, in a JSON-able form (the basis of the id)."""
         data: dict[str, Any] = {k: getattr(self, k) for k in PIXEL_KEYS}
@@ -261,3 +268,6 @@ class Result:
     notes: list[str] = field(default_factory=list)   # e.g. "vae tiling" after an OOM
     fps: float | None = None   # an animation's frame rate; None: the writer's default
     loop: bool = True          # an animation repeats (GIF/WebP loop 0, the gallery's loop)
+    #: Where it rendered, when the executor says (``--executor ray``: worker, node, pid);
+    #: recorded in the provenance as ``"executor"``. Empty for the local executor.
+    executor: dict[str, Any] = field(default_factory=dict)

@@ -48,9 +48,12 @@ def test_the_lock_pins_every_dependency_within_pyproject_ranges():
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     runtime, dev = locked("requirements.txt"), locked("requirements-dev.txt")
-    wanted = [(project["project"]["dependencies"], (runtime, dev)),
-              (project["project"]["optional-dependencies"]["dev"], (dev,)),
-              (project["build-system"]["requires"], (runtime, dev))]
+    ray = locked("requirements-ray.txt")
+    extras = project["project"]["optional-dependencies"]
+    wanted = [(project["project"]["dependencies"], (runtime, dev, ray)),
+              (extras["dev"], (dev,)),
+              (extras["ray"], (dev, ray)),   # the test command installs the Ray executor
+              (project["build-system"]["requires"], (runtime, dev, ray))]
     for requirements, locks in wanted:
         for text in requirements:
             req = Requirement(text)
@@ -62,9 +65,12 @@ def test_the_lock_pins_every_dependency_within_pyproject_ranges():
     # the dev lock is the runtime lock plus the test tools, never other versions
     # (a test tool may need a package on more platforms: its dev pin then has no marker)
     for name, pins in runtime.items():
+        for lock in (dev, ray):
+            assert [v for v, _ in lock[name]] == [v for v, _ in pins], name
+            assert all(d in (m, "") for (_, d), (_, m) in zip(lock[name], pins, strict=True)), name
+    for name, pins in ray.items():   # Ray's own dependencies: the same versions in both
         assert [v for v, _ in dev[name]] == [v for v, _ in pins], name
-        assert all(d in (m, "") for (_, d), (_, m) in zip(dev[name], pins, strict=True)), name
-    for name in ("requirements.txt", "requirements-dev.txt"):
+    for name in ("requirements.txt", "requirements-dev.txt", "requirements-ray.txt"):
         entries = re.split(r"\n(?=[A-Za-z0-9])", (ROOT / name).read_text())
         pinned = [e for e in entries if "==" in e.split("\n", 1)[0]]
         assert len(pinned) == sum(len(v) for v in locked(name).values())

@@ -19,9 +19,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def render_process(*args: str, **kw: Any) -> subprocess.Popen[str]:
-    """``python render.py ARGS`` started from the checkout, output captured as text."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+def render_process(*args: str, env: dict[str, str] | None = None,
+                   **kw: Any) -> subprocess.Popen[str]:
+    """``python render.py ARGS`` started from the checkout, output captured as text;
+    ``env``: variables to set besides the usual ones."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.Popen([sys.executable, str(ROOT / "render.py"), *args], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, **kw)
@@ -38,3 +40,36 @@ def wait_for(predicate: Callable[[], bool], proc: subprocess.Popen[str],
             raise AssertionError(f"run ended early: {proc.communicate()}")
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout} s")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, their children ...), from ``/proc``."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:   # gone meanwhile
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def ray_workers(pid: int) -> list[int]:
+    """The render workers (Ray actors, titled ``ray::RenderWorker``) a run ``pid`` started."""
+    workers = []
+    for child in descendants(pid):
+        try:
+            title = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if title.startswith(b"ray::RenderWorker"):
+            workers.append(child)
+    return workers
