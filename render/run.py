@@ -198,12 +198,12 @@ def run(args: Any) -> int:
     from render.executors import make_executor
 
     executor = make_executor(plugins, args)
-    executor.check()   # the device, Ray: before any ledger, gallery or model is touched
-    broken |= broken_at_preflight(checkers)
-    report_broken(broken)
-    from render.runner import Runner
-
     try:
+        executor.check()   # the device, Ray: before any ledger, gallery or model is touched
+        broken |= broken_at_preflight(checkers)
+        report_broken(broken)
+        from render.runner import Runner
+
         code = Runner(plans, plugins, args, executor).run(tasks)
     finally:
         executor.close()

@@ -111,7 +111,7 @@ class Runner:
         if self.stop.is_set():
             raise KeyboardInterrupt
         self.stop.set()
-        print(f"\n{signal.Signals(signum).name}: finishing the batch in flight, then stopping "
+        print(f"\n{signal.Signals(signum).name}: finishing the batches in flight, then stopping "
               "(again to abort)", file=sys.stderr)
 
     # -- the run ---------------------------------------------------------------------------

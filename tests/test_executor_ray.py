@@ -103,6 +103,17 @@ def check_done_images(out: Path, job: str, n: int) -> dict[str, dict]:
     return provs
 
 
+def test_no_cluster_at_address_auto_is_one_line(tmp_path, kit):
+    """First in this file: "auto" joins any Ray running on the machine, and the tests below
+    start one."""
+    job = write_job(tmp_path, kit, "jobs:\n  - {name: k, prompt: a barn}\n")
+    done = rerun(str(job), "--executor", "ray", "--address", "auto")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1].startswith(
+        "error: --executor ray: cannot join the Ray cluster at --address auto: Could not find")
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
 # -- same pixels, names, metadata and ledger as the local executor --------------------------
 
 def test_ray_renders_what_local_renders_pixel_for_pixel(tmp_path, kit, cluster, deadline,
@@ -286,6 +297,20 @@ def test_a_cluster_that_cannot_hold_the_workers_is_one_line(tmp_path, kit, clust
     assert err.splitlines() == [f"error: {words}"] or words in err.splitlines()[-1], err
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("address", "words"), [
+    ("127.0.0.1:1", "--address 127.0.0.1:1: no Ray cluster answers there (Connection refused)"),
+    ("ray://127.0.0.1:1", "--address ray://127.0.0.1:1: no Ray cluster answers there"),
+    ("head-node", "--address head-node: expected auto, HOST:PORT or ray://HOST:PORT"),
+])
+def test_a_cluster_address_that_does_not_answer_is_one_line_not_a_hang(address, words):
+    """Ray itself retries an unreachable address for minutes; a cron job must not sit there."""
+    from render.errors import UserError
+    from render.executors.ray_workers import _check_reachable
+
+    with pytest.raises(UserError, match="^" + re.escape(words)):
+        _check_reachable(address)
 
 
 def test_without_ray_installed_the_ray_executor_is_one_line(tmp_path, kit, capsys,

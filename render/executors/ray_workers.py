@@ -205,9 +205,12 @@ class RayExecutor:
         self.writers = max(1, min(4, math.ceil(self.count / 2)))
 
     def _start_ray(self, ray: Any) -> None:
-        address = self.args.address
+        # RAY_ADDRESS is Ray's own convention (``ray job submit`` sets it for its entrypoint)
+        address = self.args.address or os.environ.get("RAY_ADDRESS") or None
         quiet = {"include_dashboard": False, "log_to_driver": bool(self.args.verbose),
                  "logging_level": "DEBUG" if self.args.verbose else "WARNING"}
+        if address and address != "auto":
+            _check_reachable(address)
         try:
             if address:
                 ray.init(address=address, **quiet)
@@ -217,8 +220,9 @@ class RayExecutor:
                     cpus = max(cpus, self.args.workers)
                 ray.init(num_cpus=cpus, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            where = f"--address {address}" if address else "a local Ray"
-            raise UserError(f"--executor ray: cannot start {where}: "
+            where = f"join the Ray cluster at --address {address}" if address else \
+                "start a local Ray"
+            raise UserError(f"--executor ray: cannot {where}: "
                             f"{str(exc).strip().splitlines()[0]}") from None
         self.started_ray = True
 
@@ -410,3 +414,19 @@ def _first_line(exc: BaseException, *, last: bool = False) -> str:
     """One line of a Ray error (its first, or ``last``: the worker's own exception)."""
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     return (lines[-1] if last else lines[0]).strip() if lines else type(exc).__name__
+
+
+def _check_reachable(address: str) -> None:
+    """A cluster address that answers: Ray itself retries an unreachable one for minutes,
+    which a cron job would sit through silently."""
+    import socket
+
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address {address}: expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise UserError(f"--address {address}: no Ray cluster answers there "
+                        f"({exc.strerror or exc})") from None
