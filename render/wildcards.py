@@ -18,25 +18,27 @@ Syntax (``{``, ``}``, ``|`` and ``$$`` are special only as described; everything
 ==========================  ==========================================================
 ``{a|b|c}``                 one of the options; ``{a|}`` has an empty option; nestable
 ``{0.5::a|2::b|c}``         weights (default 1); random mode only, combinatorial lists all
-``{2$$a|b|c}``              2 distinct options, in option order, joined with ``", "``
+``{2$$a|b|c}``              2 distinct options in either order, joined with ``", "``
 ``{1-2$$a|b}``              1 to 2 options; ``{-2$$..}`` = 1-2, ``{2-$$..}`` = 2-all
 ``{2$$ and $$a|b|c}``       custom joiner (any text without ``$``, ``{``, ``}``)
 ``{2$$__name__}``           2 distinct values of one wildcard (the only option is it)
 ``__name__``                a value of ``name.txt`` (or a yaml/json key) in wildcard dirs
 ``__sub/dir/name__``        a file in a subfolder, or a nested yaml/json key
-``__dir/*__``, ``__*/x__``  glob (``*`` also crosses ``/``, ``?`` is one character):
-                            the union of every matching wildcard's values
+``__dir/*__``, ``__*/x__``  glob (``*`` also crosses ``/``, ``?`` is one character,
+                            ``[c]``/``[!c]`` classes): the union of the matching values
+``__name__`` not found      ``**/name``: the name under any folder (their union)
 ``\{ \} \| \_``             literal ``{ } | _``; ``\\`` and every other ``\x`` stay as written
 ==========================  ==========================================================
 
 Decisions (where dynamicprompts differs, or is silent):
 
 * Combinatorial order: the leftmost choice varies slowest; options and values in written
-  order; a multi-pick lists k = low..high, then index combinations in lexicographic order.
-* ``{k$$...}`` picks a *set*: ``{2$$a|b|c}`` gives C(3,2) = 3 expansions ("a, b", "a, c",
-  "b, c"), not dynamicprompts' 6 orderings, and a random pick is put back in option order,
-  so every :func:`sample` is one of the :func:`combinations`. Bounds are clamped to the
-  number of options; empty picks are dropped before joining (no dangling separators).
+  order; a multi-pick lists k = low..high, then index orderings in lexicographic order.
+* ``{k$$...}`` picks k distinct options *in order*, as SYNTAX.md documents ("vanilla,
+  chocolate"): ``{2$$a|b|c}`` gives P(3,2) = 6 expansions; a random pick keeps the order it
+  drew, so every :func:`sample` is one of the :func:`combinations`. Options written twice
+  are one (their weights added): ``{2$$a|a|b}`` never gives "a, a". Bounds are clamped to
+  the number of options; empty picks are dropped before joining (no dangling separators).
 * Default joiner ``", "`` as documented by dynamicprompts (its code joins with ``","``).
 * Whitespace: as dynamicprompts, the whitespace at the start of each option (before its
   weight) is dropped and nothing else; wildcard values are stripped at both ends.
@@ -47,10 +49,13 @@ Decisions (where dynamicprompts differs, or is silent):
   inside a line, and ``2::x``, are plain text (dynamicprompts too: no weights in txt).
   ``.yaml``/``.yml``/``.json``: as dynamicprompts, the file name is *not* part of the path:
   top-level keys are names relative to the file's folder, nested mappings give
-  ``key/sub``, a list or a string holds the values, and a top-level list is named after the
-  file. List items may be ``"2::text"`` or ``{text: ..., weight: 2}``.
+  ``key/sub``, only a list holds values (``flurp: 12345`` is ignored, as SYNTAX.md says), and
+  a top-level list is named after the file. List items may be ``"2::text"`` or
+  ``{text: ..., weight: 2}``.
 * Several dirs: the first dir that defines a name wins; within one dir a name defined twice
-  is an error when used. No ``**/name`` fallback: the error suggests ``__sub/name__``.
+  is an error when used. A name found nowhere is looked for under every folder
+  (``**/name``, as dynamicprompts); only then is it an error, suggesting a close name.
+* A ``}`` outside a variant is text (dynamicprompts too).
 * Not supported, and an error rather than silently literal: variables ``${...}``, sampler
   prefixes ``{~..}``, ``{@..}``, ``{!..}``, ``__~x__``, and ``__name(var=x)__``. A ``#`` in a
   template is text (dynamicprompts treats it as a comment).
@@ -62,6 +67,7 @@ from __future__ import annotations
 
 import bisect
 import difflib
+import fnmatch
 import heapq
 import itertools
 import json
@@ -259,7 +265,8 @@ class _Parser:
             elif c == "}":
                 if in_variant:
                     break
-                raise self.error("unmatched '}'", self.i, " (write \\} for a literal '}')")
+                buf.append(c)       # a stray '}' is text, as in dynamicprompts
+                self.i += 1
             elif c == "|":
                 if in_variant:
                     break
@@ -453,10 +460,9 @@ class Library:
         if ".." in name.split("/"):
             raise WildcardError(label, f"wildcard {label} may not contain '..'")
         index = self._build()
-        if "*" in name or "?" in name:
-            pattern = re.compile("".join(
-                ".*" if c == "*" else "." if c == "?" else re.escape(c)
-                for c in name.strip("/")))
+        if any(c in name for c in "*?["):
+            # fnmatch: `*` also crosses `/`, `?` is one character, `[c]`/`[!c]` classes
+            pattern = re.compile(fnmatch.translate(name.strip("/")))
             matched = sorted(n for n in index if pattern.fullmatch(n))
             if not matched:
                 raise WildcardError(
@@ -464,7 +470,10 @@ class Library:
         else:
             matched = [name.strip("/")]
             if matched[0] not in index:
-                raise WildcardError(label, self._not_found(label, matched[0], index))
+                # dynamicprompts' `**/name` fallback: the name under any folder
+                matched = sorted(n for n in index if n.endswith("/" + matched[0]))
+                if not matched:
+                    raise WildcardError(label, self._not_found(label, name.strip("/"), index))
         seen: dict[str, Value] = {}
         for one in matched:
             root, sources = index[one]
@@ -611,10 +620,12 @@ def _structured_names(path: Path) -> list[tuple[tuple[str, ...], object]]:
         for key, value in pairs:
             keys = (*prefix, str(key))
             inner = _pairs(value)
-            if inner is None:
-                out.append((keys, value))
-            else:
+            if inner is not None:
                 visit(inner, keys)
+            elif isinstance(value, (list, yaml.SequenceNode)):
+                out.append((keys, value))
+            # anything else (`flurp: 12345`, a lone string) stores no array: ignored, as
+            # SYNTAX.md says (and dynamicprompts does)
 
     visit(top, ())
     return out
@@ -711,34 +722,39 @@ def _capped_product(factors: Iterable[int]) -> int:
     return total
 
 
-def _subset_total(counts: list[int], lo: int, hi: int) -> int:
-    """Sum over k in lo..hi of the k-th elementary symmetric polynomial of ``counts``, capped
-    at ``COUNT_LIMIT``.
+def _orderings_total(counts: list[int], lo: int, hi: int) -> int:
+    """Sum over k in lo..hi of k! times the k-th elementary symmetric polynomial of
+    ``counts``, capped at ``COUNT_LIMIT``.
 
-    That is the number of ways to pick k distinct options and expand each. Every count is at
-    least 1, so the sum is at least C(n, k) for each k in the range: a range reaching a
-    binomial of ``COUNT_LIMIT`` saturates at once. Any other range lies near 0 or near n
-    (C(n, k) < 2**64 needs k or n - k below ~64, or n below ~68), and a short recurrence
-    from that end is exact: e_0..e_hi of prod(1 + c x) from below, the top coefficients of
-    prod(c + x) from above.
+    That is the number of ways to pick k distinct options in order and expand each. Every
+    count is at least 1, so the sum is at least C(n, k) for each k in the range: a range
+    reaching a binomial of ``COUNT_LIMIT`` saturates at once. Any other range lies near 0 or
+    near n (C(n, k) < 2**64 needs k or n - k below ~64, or n below ~68), and a short
+    recurrence from that end is exact: e_0..e_hi of prod(1 + c x) from below, the top
+    coefficients of prod(c + x) from above.
     """
     n = len(counts)
     if _comb_reaches(n, min(max(n // 2, lo), hi), COUNT_LIMIT):
         return COUNT_LIMIT
     if all(c == 1 for c in counts):
-        return _capped(sum(math.comb(n, k) for k in range(lo, hi + 1)))
+        return _capped(sum(math.perm(n, k) for k in range(lo, hi + 1)))
     if hi <= n - lo:
         low = [1] + [0] * hi             # low[k] = e_k
         for c in counts:
             for k in range(hi, 0, -1):
                 low[k] = _capped(low[k] + low[k - 1] * c)
-        return _capped(sum(low[lo:]))
+        return _capped(sum(_capped(low[k] * _capped_factorial(k)) for k in range(lo, hi + 1)))
     top = [1] + [0] * (n - lo)           # top[j] = e_(n-j): x**j in prod(c + x)
     for c in counts:
         for j in range(n - lo, 0, -1):
             top[j] = _capped(top[j] * c + top[j - 1])
         top[0] = _capped(top[0] * c)
-    return _capped(sum(top[n - hi:]))
+    return _capped(sum(_capped(top[n - k] * _capped_factorial(k)) for k in range(lo, hi + 1)))
+
+
+def _capped_factorial(k: int) -> int:
+    """k!, or ``COUNT_LIMIT`` once it gets there (k of a few thousand is near n here)."""
+    return math.factorial(k) if k < 21 else COUNT_LIMIT
 
 
 def _comb_reaches(n: int, k: int, limit: int) -> bool:
@@ -752,11 +768,21 @@ def _comb_reaches(n: int, k: int, limit: int) -> bool:
 
 
 def _pool(variant: Variant, library: Library) -> tuple[list[Seq], list[float], str | None]:
-    """The nodes a variant chooses among, their weights, and the pooled wildcard's name."""
+    """The nodes a variant chooses among, their weights, and the pooled wildcard's name.
+
+    A pick of several chooses without replacement (SYNTAX.md): options written twice are
+    one option, with their weights added (``{2$$a|a|b}`` never gives "a, a"). A single pick
+    keeps them: ``{a|a|b}`` is A1111 users' way to weight a.
+    """
     wildcard = variant.pooled
-    if wildcard is not None and (variant.lo, variant.hi) != (1, 1):
+    if (variant.lo, variant.hi) == (1, 1):
+        return [o.body for o in variant.options], [o.weight for o in variant.options], None
+    if wildcard is not None:
         return (*library._pool(wildcard.name), wildcard.name)
-    return [o.body for o in variant.options], [o.weight for o in variant.options], None
+    merged: dict[Seq, float] = {}
+    for option in variant.options:
+        merged[option.body] = merged.get(option.body, 0.0) + option.weight
+    return list(merged), list(merged.values()), None
 
 
 def _count(node: Node, library: Library, stack: tuple[str, ...]) -> int:
@@ -773,7 +799,7 @@ def _count(node: Node, library: Library, stack: tuple[str, ...]) -> int:
     else:
         counts = [_count(n, library, stack) for n in nodes]
     lo, hi = _bounds(node, len(nodes))
-    return _subset_total(counts, lo, hi)
+    return _orderings_total(counts, lo, hi)
 
 
 def count(template: str | Seq, library: Library) -> int:
@@ -884,7 +910,7 @@ def _gen(node: Node, library: Library) -> Iterator[str]:
         nodes, _, _ = _pool(node, library)
         lo, hi = _bounds(node, len(nodes))
         for k in range(lo, hi + 1):
-            for chosen in itertools.combinations(nodes, k):
+            for chosen in itertools.permutations(nodes, k):
                 for texts in _product([_factory(c, library) for c in chosen]):
                     yield _join(texts, node.sep)
 
@@ -918,16 +944,13 @@ def _pick(rng: random.Random, cum: Sequence[float]) -> int:
 
 
 def _choose(rng: random.Random, weights: list[float], k: int) -> list[int]:
-    """k distinct indices, weighted draws without replacement, returned in index order."""
-    n = len(weights)
-    if k >= n:
-        return list(range(n))
-    left = list(range(n))
+    """k distinct indices in the order drawn: weighted draws without replacement."""
+    left = list(range(len(weights)))
     taken = []
-    for _ in range(k):
+    for _ in range(min(k, len(weights))):
         j = _pick(rng, list(itertools.accumulate(weights[i] for i in left)))
         taken.append(left.pop(j))
-    return sorted(taken)
+    return taken
 
 
 def _sample(node: Node, library: Library, rng: random.Random) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -106,21 +107,26 @@ EXPECTED: list[tuple[str, list[str]]] = [
     ("x{|}y", ["xy", "xy"]),
     ("{}", [""]),
     ("{solo}", ["solo"]),
-    ("{2$$a|b|c}", ["a, b", "a, c", "b, c"]),
-    ("{1-2$$a|b|c}", ["a", "b", "c", "a, b", "a, c", "b, c"]),
-    ("{-2$$a|b|c}", ["a", "b", "c", "a, b", "a, c", "b, c"]),
-    ("{2-$$a|b|c}", ["a, b", "a, c", "b, c", "a, b, c"]),
+    # {k$$...}: orderings of k distinct options (SYNTAX.md), k = lo..hi, each in order
+    ("{2$$a|b|c}", ["a, b", "a, c", "b, a", "b, c", "c, a", "c, b"]),
+    ("{1-2$$a|b|c}", ["a", "b", "c", "a, b", "a, c", "b, a", "b, c", "c, a", "c, b"]),
+    ("{-2$$a|b|c}", ["a", "b", "c", "a, b", "a, c", "b, a", "b, c", "c, a", "c, b"]),
+    ("{3-$$a|b|c}", ["a, b, c", "a, c, b", "b, a, c", "b, c, a", "c, a, b", "c, b, a"]),
     ("{0-1$$a|b}", ["", "a", "b"]),
-    ("{4$$a|b|c}", ["a, b, c"]),
-    ("{2$$ and $$a|b|c}", ["a and b", "a and c", "b and c"]),
-    ("{2$$$$a|b}", ["ab"]),
-    ("{2$$ | $$a|b}", ["a | b"]),
-    ("{2$$a|}", ["a"]),
-    ("{2$$a|{b|c}}", ["a, b", "a, c"]),
+    ("{4$$a|b}", ["a, b", "b, a"]),
+    ("{2$$ and $$a|b|c}", ["a and b", "a and c", "b and a", "b and c", "c and a",
+                           "c and b"]),
+    ("{2$$$$a|b}", ["ab", "ba"]),
+    ("{2$$ | $$a|b}", ["a | b", "b | a"]),
+    ("{2$$a|}", ["a", "a"]),
+    ("{2$$a|{b|c}}", ["a, b", "a, c", "b, a", "c, a"]),
+    ("{2$$a|a|b}", ["a, b", "b, a"]),      # without replacement: never "a, a"
+    ("a}b", ["a}b"]),                      # a stray '}' is text
+    ("{a|b}}", ["a}", "b}"]),
     ("{0.5::a|2::b|c}", ["a", "b", "c"]),
     ("{ a | b }x", ["a x", "b x"]),
     ("{2:: a|b}", [" a", "b"]),
-    ("{ 2$$ a| b}", ["a, b"]),
+    ("{ 2$$ a| b}", ["a, b", "b, a"]),
     ("{a\n|\nb}", ["a\n", "b"]),
     ("__seasons__", ["summer", "autumn", "winter", "spring"]),
     ("__seasons__ and {x|y}", [
@@ -131,11 +137,13 @@ EXPECTED: list[tuple[str, list[str]]] = [
                     "red sky", "orange sky"]),
     ("__deep/er/name__", ["bottom"]),
     ("__extra__", ["bonus"]),
-    ("{2$$__colors/warm__}", ["red, orange"]),
+    ("{2$$__colors/warm__}", ["red, orange", "orange, red"]),
     ("{2$$__seasons__}", ["summer, autumn", "summer, winter", "summer, spring",
-                          "autumn, winter", "autumn, spring", "winter, spring"]),
+                          "autumn, summer", "autumn, winter", "autumn, spring",
+                          "winter, summer", "winter, autumn", "winter, spring",
+                          "spring, summer", "spring, autumn", "spring, winter"]),
     ("{1-$$ + $$__colors/cold__}", [
-        "blue", "teal", "cyan", "blue + teal", "blue + cyan"]),
+        "blue", "teal", "cyan", "blue + teal", "blue + cyan", "teal + blue", "cyan + blue"]),
     ("{__colors/warm__|none}", ["red", "orange", "none"]),
     # escapes
     (r"\{a|b\}", ["{a|b}"]),
@@ -203,7 +211,8 @@ def test_first_dir_wins_and_later_dirs_are_searched(lib: Library) -> None:
 def test_yaml_and_json_paths(lib: Library, dirs: list[Path]) -> None:
     assert texts("__animals/mammals__", lib) == ["cat", "dog"]
     assert texts("__animals/birds__", lib) == ["owl", "crow", "wren"]
-    assert texts("__pets__", lib) == ["hamster"]
+    with pytest.raises(WildcardError, match="__pets__ not found"):   # `pets: hamster`:
+        texts("__pets__", lib)                  # no array, ignored (SYNTAX.md, `flurp: 12345`)
     assert texts("__years__", lib) == ["1984", "1.50", "yes"]     # as written
     assert texts("__styles/paint__", lib) == ["oil", "watercolor"]
     assert texts("__moods__", lib) == ["calm"]
@@ -221,7 +230,7 @@ def test_globs_are_unions_in_name_order(lib: Library) -> None:
     assert texts("__*/warm__", lib) == ["red", "orange"]
     assert texts("__animals/*__", lib) == ["owl", "crow", "wren", "cat", "dog"]
     assert texts("__color?/warm__", lib) == ["red", "orange"]
-    assert count("{2$$__colors/*__}", lib) == 9      # values count 1, 2, 1, 1: e_2 = 9
+    assert count("{2$$__colors/*__}", lib) == 18     # values count 1, 2, 1, 1: 2! e_2 = 18
 
 
 def test_duplicate_values_are_dropped(tmp_path: Path) -> None:
@@ -259,9 +268,11 @@ def test_missing_wildcard_error_is_verbatim(lib: Library, dirs: list[Path]) -> N
     assert info.value.where is None
 
 
-def test_missing_wildcard_suggests_subfolder(lib: Library, dirs: list[Path]) -> None:
+def test_a_name_not_found_is_looked_for_under_any_folder(lib: Library, dirs: list[Path]) -> None:
+    assert texts("__name__", lib) == ["bottom"]         # `**/name`: deep/er/name
+    assert texts("__er/name__", lib) == ["bottom"]
     with pytest.raises(WildcardError, match=r"did you mean __deep/er/name__\?$"):
-        count("__name__", lib)
+        count("__deep/er/nmae__", lib)
     with pytest.raises(WildcardError) as info:
         count("__qqqqqqq__", lib)
     assert str(info.value) == f"wildcard __qqqqqqq__ not found (looked in: {dirs[0]}, {dirs[1]})"
@@ -374,8 +385,6 @@ def test_bad_structured_items(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("template", "message"), [
     ("a {b", "unclosed '{' at column 3"),
     ("{a|{b}", "unclosed '{' at column 1"),
-    ("a}b", "unmatched '}' at column 2 (write \\} for a literal '}')"),
-    ("{a|b}}", "unmatched '}' at column 6 (write \\} for a literal '}')"),
     ("{3-1$$a|b}", "empty range 3-1$$ in variant at column 1"),
     ("x ${season=summer}", "variables ${...} are not supported at column 3"),
     ("{~a|b}", "sampler prefix '~' in a variant is not supported at column 2"),
@@ -427,15 +436,17 @@ def test_weights_bias_sampling(lib: Library) -> None:
     assert birds["wren"] == 0                          # weight 0
     assert 0.72 < birds["crow"] / 4000 < 0.78          # "3::crow" against owl's 1
     pairs = Counter(sample("{2$$1::a|1::b|8::c}", lib, rng).text for _ in range(4000))
-    assert set(pairs) == {"a, c", "b, c", "a, b"}
-    assert pairs["a, b"] < pairs["a, c"] / 4           # c is almost always picked
+    assert set(pairs) == {"a, c", "b, c", "a, b", "c, a", "c, b", "b, a"}
+    both = Counter(frozenset(pair.split(", ")) for pair in pairs.elements())
+    assert both[frozenset("ab")] < both[frozenset("ac")] / 4   # c is almost always picked
+    assert pairs["c, a"] > pairs["a, c"]               # and mostly drawn first
 
 
 def test_zero_weights_everywhere_fall_back_to_uniform(lib: Library) -> None:
     rng = random.Random(5)
     assert {sample("{0::a|0::b}", lib, rng).text for _ in range(100)} == {"a", "b"}
     assert {sample("{2$$0::a|0::b|0::c}", lib, rng).text for _ in range(100)} == {
-        "a, b", "a, c", "b, c"}
+        "a, b", "a, c", "b, a", "b, c", "c, a", "c, b"}
 
 
 def test_range_sampling_covers_every_size(lib: Library) -> None:
@@ -481,10 +492,15 @@ def test_huge_count_is_exact_and_cheap(lib: Library) -> None:
     assert sample(template, lib, random.Random(0)).text.count(" ") == 11
     options = "|".join(f"{{x{i}|y{i}|z{i}}}" for i in range(2000))
     assert count("{1-$$" + options + "}", lib) == COUNT_LIMIT     # 4**2000 - 1: saturated
-    assert count("{2$$" + options + "}", lib) == 9 * 2000 * 1999 // 2
+    assert count("{2$$" + options + "}", lib) == 9 * 2000 * 1999     # ordered pairs
+    ten3 = "|".join(f"{{x{i}|y{i}|z{i}}}" for i in range(10))
+    assert count("{1-$$" + ten3 + "}", lib) == sum(
+        math.comb(10, k) * 3**k * math.factorial(k) for k in range(1, 11))
+    # counted from the top: e_9 = 10 * 3**9 and e_10 = 3**10 orderings
+    assert count("{9-$$" + ten3 + "}", lib) == (10 * 3**9 * math.factorial(9)
+                                                  + 3**10 * math.factorial(10))
     twenty = "|".join(f"{{x{i}|y{i}|z{i}}}" for i in range(20))
-    assert count("{1-$$" + twenty + "}", lib) == 4**20 - 1
-    assert count("{19-$$" + twenty + "}", lib) == 20 * 3**19 + 3**20   # counted from the top
+    assert count("{19-$$" + twenty + "}", lib) == COUNT_LIMIT   # 3**20 * 20! orderings
 
 
 def test_combinations_stream_in_order(lib: Library) -> None:
@@ -495,10 +511,10 @@ def test_combinations_stream_in_order(lib: Library) -> None:
 
 
 def test_subset_counts_with_nested_options(lib: Library) -> None:
-    # options expand to 1, 2 and 3 texts: e_2 = 1*2 + 1*3 + 2*3 = 11, e_3 = 6
+    # options expand to 1, 2 and 3 texts: e_2 = 1*2 + 1*3 + 2*3 = 11, e_3 = 6; in order
     template = "{1-3$$a|{b|c}|{d|e|f}}"
-    assert count(template, lib) == 6 + 11 + 6
-    assert len(texts(template, lib)) == 23
+    assert count(template, lib) == 6 + 2 * 11 + 6 * 6
+    assert len(texts(template, lib)) == 64
 
 
 # ---------------------------------------------------------------------------------- property
