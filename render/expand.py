@@ -878,8 +878,8 @@ def _check_template(jf: JobFile, template: Any, report: Any) -> int:
             if problem:
                 report(problem)
                 break
-    except wildcards.WildcardError as exc:
-        report(exc.message)
+    except wildcards.WildcardError as exc:   # with the wildcard file:line:col it is in
+        report(str(exc))
         return 0
     return combos
 

@@ -11,7 +11,7 @@ Why our own parser rather than the ``dynamicprompts`` library:
 * random picks must be deterministic from a seed (``random.Random`` only, nothing that depends
   on hash randomisation or on the order of a directory listing);
 * A1111 syntax (``(w:1.2)``, ``[a:b:0.5]``, ``[a|b]``, ``<lora:x:0.6>``, ``\(``) must pass
-  through untouched, and a ``#`` or ``50%`` in a prompt must not be a comment or a parse error.
+  through untouched, and a ``50%`` in a prompt must not be a parse error.
 
 Syntax (``{``, ``}``, ``|`` and ``$$`` are special only as described; everything else is text):
 
@@ -27,7 +27,8 @@ Syntax (``{``, ``}``, ``|`` and ``$$`` are special only as described; everything
 ``__dir/*__``, ``__*/x__``  glob (``*`` also crosses ``/``, ``?`` is one character,
                             ``[c]``/``[!c]`` classes): the union of the matching values
 ``__name__`` not found      ``**/name``: the name under any folder (their union)
-``\{ \} \| \_``             literal ``{ } | _``; ``\\`` and every other ``\x`` stay as written
+``# note``                  a comment, to the end of its line (and the spaces before it)
+``\{ \} \| \_ \#``          literal ``{ } | _ #``; ``\\`` and every other ``\x`` stay as written
 ==========================  ==========================================================
 
 Decisions (where dynamicprompts differs, or is silent):
@@ -45,8 +46,9 @@ Decisions (where dynamicprompts differs, or is silent):
 * Wildcard values are de-duplicated by text (first occurrence wins, as dynamicprompts) but
   kept in file order (dynamicprompts sorts them). Weights in combinatorial mode are ignored
   (dynamicprompts repeats a value ``int(weight)`` times).
-* ``.txt``: one value per line; blank lines and lines starting with ``#`` are skipped; a ``#``
-  inside a line, and ``2::x``, are plain text (dynamicprompts too: no weights in txt).
+* ``.txt``: one value per line; blank lines and lines starting with ``#`` are skipped; a
+  ``#`` later in a line starts a comment, as in a template; ``2::x`` is plain text
+  (dynamicprompts too: no weights in txt).
   ``.yaml``/``.yml``/``.json``: as dynamicprompts, the file name is *not* part of the path:
   top-level keys are names relative to the file's folder, nested mappings give
   ``key/sub``, only a list holds values (``flurp: 12345`` is ignored, as SYNTAX.md says), and
@@ -57,8 +59,8 @@ Decisions (where dynamicprompts differs, or is silent):
   (``**/name``, as dynamicprompts); only then is it an error, suggesting a close name.
 * A ``}`` outside a variant is text (dynamicprompts too).
 * Not supported, and an error rather than silently literal: variables ``${...}``, sampler
-  prefixes ``{~..}``, ``{@..}``, ``{!..}``, ``__~x__``, and ``__name(var=x)__``. A ``#`` in a
-  template is text (dynamicprompts treats it as a comment).
+  prefixes ``{~..}``, ``{@..}``, ``{!..}``, ``__~x__``, and ``__name(var=x)__``.
+* A syntax error inside a wildcard value is reported at ``file:line:column``.
 * ``picks`` holds the expanded text of each top-level choice (variant or wildcard) of the
   template, in template order, so every expansion of a template has the same number.
 """
@@ -127,10 +129,13 @@ class WildcardError(ValueError):
     file and line the problem sits in, if it is inside a wildcard value.
     """
 
-    def __init__(self, name: str, message: str, where: str | None = None) -> None:
+    def __init__(self, name: str, message: str, where: str | None = None, *,
+                 column: int | None = None, bare: str | None = None) -> None:
         self.name = name
         self.message = message
         self.where = where
+        self.column = column            # a syntax error's column (1-based), if it is one
+        self.bare = bare or message     # the message without "at column N"
         super().__init__(str(self))
 
     def __str__(self) -> str:
@@ -140,7 +145,8 @@ class WildcardError(ValueError):
         """The same error, placed in a wildcard file (only the innermost place is kept)."""
         if self.where is not None:
             return self
-        return WildcardError(self.name, self.message, where)
+        return WildcardError(self.name, self.message, where, column=self.column,
+                             bare=self.bare)
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,8 +215,8 @@ class Expansion:
 # --------------------------------------------------------------------------------------------
 # Parser
 
-_PLAIN = re.compile(r"[^\\{}|$_]+")
-_ESCAPABLE = "{}|_"
+_PLAIN = re.compile(r"[^\\{}|$_#]+")
+_ESCAPABLE = "{}|_#"
 _NAME_EDGE = r"[^\s_{}|()\\$]"
 _WILDCARD = re.compile(rf"__({_NAME_EDGE}(?:(?:(?!__)[^\n\r{{}}|()\\$])*{_NAME_EDGE})?)__")
 _PARAMETERISED = re.compile(rf"__{_NAME_EDGE}(?:(?!__)[^\n\r{{}}|()\\$])*\([^)\n]*\)__")
@@ -229,7 +235,8 @@ class _Parser:
         self.depth = 0
 
     def error(self, message: str, at: int, hint: str = "") -> WildcardError:
-        return WildcardError(self.s, f"{message} at column {at + 1}{hint}")
+        return WildcardError(self.s, f"{message} at column {at + 1}{hint}", column=at + 1,
+                             bare=f"{message}{hint}")
 
     def seq(self, in_variant: bool) -> Seq:
         s, n = self.s, len(self.s)
@@ -272,6 +279,11 @@ class _Parser:
                     break
                 buf.append(c)       # A1111 alternation [a|b] outside braces
                 self.i += 1
+            elif c == "#":          # a comment, to the end of its line (SYNTAX.md)
+                end = s.find("\n", self.i)
+                self.i = n if end < 0 else end
+                if buf:             # the spaces before it go with it
+                    buf[-1] = buf[-1].rstrip(" \t")
             elif c == "$":
                 if s.startswith("${", self.i):
                     raise self.error("variables ${...} are not supported", self.i)
@@ -645,7 +657,10 @@ def _load(source: _Source, label: str) -> list[Value]:
     for text, number, weight in raw:
         try:   # plain text (most values of a big list) needs no parser
             node = Seq((Literal(text),)) if _PLAIN.fullmatch(text) else parse(text)
-        except WildcardError as e:
+        except WildcardError as e:   # file:line:column, as a compiler says it
+            if number and e.column:
+                raise WildcardError(label, e.bare, f"{source.file}:{number}:{e.column}") \
+                    from None
             where = f"{source.file}:{number}" if number else str(source.file)
             raise WildcardError(label, e.message, where) from None
         values.append(Value(text, source.file, number, node, weight))

@@ -11,6 +11,7 @@ import sys
 import textwrap
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -154,7 +155,11 @@ EXPECTED: list[tuple[str, list[str]]] = [
     # things that are not wildcards
     ("snake_case_word a__ b__", ["snake_case_word a__ b__"]),
     ("__ spaced__ __x", ["__ spaced__ __x"]),
-    ("50% off, $5, $$9, #1 fan // http://x.io", ["50% off, $5, $$9, #1 fan // http://x.io"]),
+    ("50% off, $5, $$9, \\#1 fan // http://x.io", ["50% off, $5, $$9, #1 fan // http://x.io"]),
+    # `#` comments (SYNTAX.md), to the end of the line, with the spaces before them
+    ("a {b|c} # the rest is a comment {x|y}", ["a b", "a c"]),
+    ("#a whole line\nkept {b|c}", ["\nkept b", "\nkept c"]),
+    ("{a # note\n|b}", ["a\n", "b"]),
 ]
 
 
@@ -319,7 +324,7 @@ def test_error_inside_a_wildcard_file_names_file_and_line(tmp_path: Path) -> Non
     assert info.value.where == f"{tmp_path / 'outer.txt'}:2"
     with pytest.raises(WildcardError) as info:
         count("__broken__", library)
-    assert str(info.value) == f"{tmp_path / 'broken.txt'}:2: unclosed '{{' at column 1"
+    assert str(info.value) == f"{tmp_path / 'broken.txt'}:2:1: unclosed '{{'"   # file:line:col
     assert info.value.name == "__broken__"
 
 
@@ -565,6 +570,22 @@ def test_any_text_parses_or_raises_wildcard_error(text: str, lib: Library) -> No
 
 
 @settings(max_examples=200, deadline=None)
-@given(text=st.text(alphabet=st.characters(exclude_characters="{}|\\$_")))
+@given(text=st.text(alphabet=st.characters(exclude_characters="{}|\\$_#")))
 def test_text_without_syntax_is_unchanged(text: str, lib: Library) -> None:
     assert list(combinations(text, lib)) == [Expansion(text, ())]
+
+
+def test_a_syntax_error_in_a_wildcard_file_is_located_in_both_files(tmp_path: Path,
+                                                                    capsys: Any) -> None:
+    """The job file's line for the prompt, then the wildcard file's line and column: the
+    one line a user needs to fix the right file."""
+    from render.testing.checks import one_located_error
+
+    write(tmp_path / "wildcards", {"brace.txt": "fine\nred {a|b\n"})
+    job = tmp_path / "job.yaml"
+    job.write_text("version: 1\nwildcard_dirs: [wildcards]\njobs:\n"
+                   "  - {name: j, model: m, prompt: a __brace__ house}\n", encoding="utf-8")
+    line = one_located_error([str(job), "--dry-run"], job, "prompt",
+                             f"{tmp_path / 'wildcards' / 'brace.txt'}:2:5: unclosed '{{'",
+                             capsys)
+    assert line.startswith(f"error: {job}:4:")
