@@ -27,6 +27,7 @@ Syntax (``{``, ``}``, ``|`` and ``$$`` are special only as described; everything
 ``__dir/*__``, ``__*/x__``  glob (``*`` also crosses ``/``, ``?`` is one character,
                             ``[c]``/``[!c]`` classes): the union of the matching values
 ``__name__`` not found      ``**/name``: the name under any folder (their union)
+``__name-{a|b}__``          variants in a name: each name looked up, their values in turn
 ``# note``                  a comment, to the end of its line (and the spaces before it)
 ``\{ \} \| \_ \#``          literal ``{ } | _ #``; ``\\`` and every other ``\x`` stay as written
 ==========================  ==========================================================
@@ -168,6 +169,18 @@ class Wildcard:
 
 
 @dataclass(frozen=True)
+class NamedBy:
+    """``__colors-{cold|warm}__``: a wildcard whose name is itself a template; each of the
+    name's expansions is looked up, and their values are the union, in name order."""
+
+    name: Seq
+
+
+#: The most names a ``NamedBy`` may expand to (each is a lookup, counted before expanding).
+MAX_NAMES = 10_000
+
+
+@dataclass(frozen=True)
 class Option:
     """One option of a variant with its (random-mode) weight."""
 
@@ -201,7 +214,7 @@ class Seq:
     parts: tuple[Node, ...] = ()
 
 
-Node = Literal | Wildcard | Variant | Seq
+Node = Literal | Wildcard | NamedBy | Variant | Seq
 
 
 @dataclass(frozen=True)
@@ -290,6 +303,11 @@ class _Parser:
                 buf.append(c)
                 self.i += 1
             else:                   # "_"
+                named = self.named_by()
+                if named is not None:
+                    flush()
+                    parts.append(named)
+                    continue
                 m = _WILDCARD.match(s, self.i)
                 if m:
                     name = m.group(1)
@@ -307,6 +325,33 @@ class _Parser:
                 self.i += 1
         flush()
         return Seq(tuple(parts))
+
+    def named_by(self) -> NamedBy | None:
+        """``__name-{a|b}__`` (a variant in a wildcard's name), or None for anything else."""
+        s, start = self.s, self.i
+        if not s.startswith("__", start):
+            return None
+        depth, j = 0, start + 2
+        while j < len(s) and s[j] not in "\n\r":
+            if s[j] == "{":
+                depth += 1
+            elif s[j] == "}":
+                depth -= 1
+                if depth < 0:
+                    return None
+            elif depth == 0 and (s[j] in " |" or s.startswith("__", j)):
+                break
+            j += 1
+        inner = s[start + 2:j]
+        if depth or not s.startswith("__", j) or "{" not in inner:
+            return None
+        try:
+            name = _Parser(inner).seq(in_variant=False)
+        except WildcardError as exc:
+            raise self.error(f"in the wildcard name __{inner}__: {exc.bare}",
+                             start + 2 + (exc.column or 1) - 1) from None
+        self.i = j + 2
+        return NamedBy(name)
 
     def variant(self) -> Variant:
         s = self.s
@@ -800,6 +845,14 @@ def _pool(variant: Variant, library: Library) -> tuple[list[Seq], list[float], s
     return list(merged), list(merged.values()), None
 
 
+def _names(node: NamedBy, library: Library) -> list[str]:
+    """The names a ``NamedBy`` looks up, in order (bounded: each one is a lookup)."""
+    if _count(node.name, library, ()) > MAX_NAMES:
+        raise WildcardError("__...__", f"a wildcard name with variants expands to more than "
+                                       f"{MAX_NAMES:,} names")
+    return list(dict.fromkeys(_gen(node.name, library)))
+
+
 def _count(node: Node, library: Library, stack: tuple[str, ...]) -> int:
     if isinstance(node, Literal):
         return 1
@@ -807,6 +860,8 @@ def _count(node: Node, library: Library, stack: tuple[str, ...]) -> int:
         return _capped_product(_count(p, library, stack) for p in node.parts)
     if isinstance(node, Wildcard):
         return library._count(node.name, stack)
+    if isinstance(node, NamedBy):
+        return _capped(sum(library._count(name, stack) for name in _names(node, library)))
     nodes, _, pooled = _pool(node, library)
     if pooled is not None:
         library._count(pooled, stack)       # cycle and depth checks, memoised
@@ -842,6 +897,8 @@ def _longest(node: Node, library: Library) -> int:
         return _capped(sum(_longest(p, library) for p in node.parts))
     if isinstance(node, Wildcard):
         return library._longest_value(node.name)
+    if isinstance(node, NamedBy):
+        return max(library._longest_value(name) for name in _names(node, library))
     nodes, _, _ = _pool(node, library)
     _, hi = _bounds(node, len(nodes))
     lengths = [_longest(n, library) for n in nodes]
@@ -918,9 +975,11 @@ def _gen(node: Node, library: Library) -> Iterator[str]:
         else:
             for texts in _parts(node, library):
                 yield "".join(texts)
-    elif isinstance(node, Wildcard):
-        for value in library._get(node.name):
-            yield from _gen(value.node, library)
+    elif isinstance(node, (Wildcard, NamedBy)):
+        names = [node.name] if isinstance(node, Wildcard) else _names(node, library)
+        for name in names:
+            for value in library._get(name):
+                yield from _gen(value.node, library)
     else:
         nodes, _, _ = _pool(node, library)
         lo, hi = _bounds(node, len(nodes))
@@ -931,7 +990,7 @@ def _gen(node: Node, library: Library) -> Iterator[str]:
 
 
 def _choices(seq: Seq) -> list[int]:
-    return [i for i, p in enumerate(seq.parts) if isinstance(p, (Variant, Wildcard))]
+    return [i for i, p in enumerate(seq.parts) if isinstance(p, (Variant, Wildcard, NamedBy))]
 
 
 def combinations(template: str | Seq, library: Library) -> Iterator[Expansion]:
@@ -973,9 +1032,10 @@ def _sample(node: Node, library: Library, rng: random.Random) -> str:
         return node.text
     if isinstance(node, Seq):
         return "".join(_sample(p, library, rng) for p in node.parts)
-    if isinstance(node, Wildcard):
-        values = library._get(node.name)
-        return _sample(values[_pick(rng, library._cum_weights(node.name))].node, library, rng)
+    if isinstance(node, (Wildcard, NamedBy)):
+        name = node.name if isinstance(node, Wildcard) else _sample(node.name, library, rng)
+        values = library._get(name)
+        return _sample(values[_pick(rng, library._cum_weights(name))].node, library, rng)
     nodes, weights, pooled = _pool(node, library)
     lo, hi = _bounds(node, len(nodes))
     k = lo if lo == hi else rng.randint(lo, hi)

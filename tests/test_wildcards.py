@@ -31,6 +31,7 @@ from render.wildcards import (
     WildcardError,
     combinations,
     count,
+    longest,
     parse,
     sample,
 )
@@ -122,6 +123,9 @@ EXPECTED: list[tuple[str, list[str]]] = [
     ("{2$$a|}", ["a", "a"]),
     ("{2$$a|{b|c}}", ["a, b", "a, c", "b, a", "c, a"]),
     ("{2$$a|a|b}", ["a, b", "b, a"]),      # without replacement: never "a, a"
+    ("__colors/{warm|cold}__", ["red", "orange", "blue", "teal", "cyan"]),   # name variants
+    ("{x|y} __colors/{warm|cold}__", ["x red", "x orange", "x blue", "x teal", "x cyan",
+                                      "y red", "y orange", "y blue", "y teal", "y cyan"]),
     ("a}b", ["a}b"]),                      # a stray '}' is text
     ("{a|b}}", ["a}", "b}"]),
     ("{0.5::a|2::b|c}", ["a", "b", "c"]),
@@ -589,3 +593,14 @@ def test_a_syntax_error_in_a_wildcard_file_is_located_in_both_files(tmp_path: Pa
                              f"{tmp_path / 'wildcards' / 'brace.txt'}:2:5: unclosed '{{'",
                              capsys)
     assert line.startswith(f"error: {job}:4:")
+
+
+def test_a_variant_in_a_wildcard_name_is_looked_up_for_each_name(lib: Library) -> None:
+    with pytest.raises(WildcardError, match=r"wildcard __colors/hot__ not found"):
+        count("__colors/{warm|hot}__", lib)       # every name is checked before expanding
+    draws = {sample("__colors/{warm|cold}__", lib, random.Random(s)).text for s in range(60)}
+    assert draws == {"red", "orange", "blue", "teal", "cyan"}
+    assert longest("__colors/{warm|cold}__", lib) == len("orange")
+    with pytest.raises(WildcardError, match=r"^in the wildcard name __x{3-1\$\$a}__: empty "
+                                            r"range 3-1\$\$ in variant at column 4$"):
+        parse("__x{3-1$$a}__")
