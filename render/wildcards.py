@@ -28,6 +28,8 @@ Syntax (``{``, ``}``, ``|`` and ``$$`` are special only as described; everything
                             ``[c]``/``[!c]`` classes): the union of the matching values
 ``__name__`` not found      ``**/name``: the name under any folder (their union)
 ``__name-{a|b}__``          variants in a name: each name looked up, their values in turn
+``${x=v}`` ``${x}``          variables (``${x=!v}`` chosen once, ``${x:default}``)
+``__name(x=v)__``           a wildcard with variables set for its values
 ``# note``                  a comment, to the end of its line (and the spaces before it)
 ``\{ \} \| \_ \#``          literal ``{ } | _ #``; ``\\`` and every other ``\x`` stay as written
 ==========================  ==========================================================
@@ -59,8 +61,15 @@ Decisions (where dynamicprompts differs, or is silent):
   is an error when used. A name found nowhere is looked for under every folder
   (``**/name``, as dynamicprompts); only then is it an error, suggesting a close name.
 * A ``}`` outside a variant is text (dynamicprompts too).
-* Not supported, and an error rather than silently literal: variables ``${...}``, sampler
-  prefixes ``{~..}``, ``{@..}``, ``{!..}``, ``__~x__``, and ``__name(var=x)__``.
+* Variables (SYNTAX.md): ``${x=value}`` sets ``x`` for the rest of the template and every
+  wildcard value it reaches, re-expanded at each ``${x}``; ``${x=!value}`` is chosen once
+  (combinatorial mode lists each choice, dynamicprompts only the first); ``${x:default}``;
+  ``__name(x=value, y=value)__`` sets them for one wildcard. A variable used but never set,
+  without a default, is an error. Counting stays exact: an immediate variable multiplies by
+  its value's expansions, a non-immediate one by its value's at each use.
+* Not supported, and an error rather than silently literal: sampler prefixes ``{~..}``,
+  ``{@..}``, ``{!..}``, ``__~x__`` (the job's ``wildcards:`` mode decides), and the wrap
+  command ``%{...$$...}``.
 * A syntax error inside a wildcard value is reported at ``file:line:column``.
 * ``picks`` holds the expanded text of each top-level choice (variant or wildcard) of the
   template, in template order, so every expansion of a template has the same number.
@@ -176,6 +185,62 @@ class NamedBy:
     name: Seq
 
 
+@dataclass(frozen=True)
+class Assign:
+    """``${name=value}`` (``immediate``: ``${name=!value}``): sets a variable for the rest of
+    the template and the wildcard values it reaches; expands to nothing."""
+
+    name: str
+    value: Seq
+    immediate: bool = False
+
+
+@dataclass(frozen=True)
+class Ref:
+    """``${name}`` or ``${name:default}``: the variable's value (non-immediate: expanded
+    afresh at each use; immediate: the one text chosen at the assignment)."""
+
+    name: str
+    default: Seq | None = None
+
+
+@dataclass(frozen=True)
+class WithParams:
+    """``__name(var=value, ...)__``: the wildcard with those variables set for its values."""
+
+    target: Wildcard | NamedBy
+    params: tuple[tuple[str, Seq], ...]
+
+
+@dataclass(frozen=True)
+class _Bound:
+    """A variable's binding: a template (and the variables it was set under), or, for an
+    immediate one while expanding, its chosen text; ``once`` counts a use as 1 choice."""
+
+    seq: Seq | None
+    env: tuple[tuple[str, _Bound], ...] = ()
+    text: str | None = None
+    once: bool = False
+
+
+Env = tuple[tuple[str, _Bound], ...]
+
+
+def _lookup(env: Env, ref: Ref) -> _Bound:
+    for name, bound in reversed(env):
+        if name == ref.name:
+            return bound
+    if ref.default is not None:
+        return _Bound(ref.default, env)
+    raise WildcardError(f"${{{ref.name}}}", f"variable ${{{ref.name}}} is not set (set it "
+                                            f"first with ${{{ref.name}=...}}, or give a "
+                                            f"default: ${{{ref.name}:...}})")
+
+
+def _bind(env: Env, params: Iterable[tuple[str, Seq]]) -> Env:
+    return (*env, *((name, _Bound(value, env)) for name, value in params))
+
+
 #: The most names a ``NamedBy`` may expand to (each is a lookup, counted before expanding).
 MAX_NAMES = 10_000
 
@@ -214,7 +279,7 @@ class Seq:
     parts: tuple[Node, ...] = ()
 
 
-Node = Literal | Wildcard | NamedBy | Variant | Seq
+Node = Literal | Wildcard | NamedBy | Variant | Seq | Assign | Ref | WithParams
 
 
 @dataclass(frozen=True)
@@ -236,6 +301,8 @@ _PARAMETERISED = re.compile(rf"__{_NAME_EDGE}(?:(?!__)[^\n\r{{}}|()\\$])*\([^)\n
 _BOUND = re.compile(r"\s*(?:(\d+)(?:(-)(\d+)?)?|-(\d+))\$\$")
 _JOINER = re.compile(r"([^${}]*)\$\$")
 _WEIGHT = re.compile(r"(\d+(?:\.\d*)?|\.\d+)::")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_VARIABLE = re.compile(r"\$\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*([=:}])")
 _MODE_HINT = " (the job's `wildcards:` random/combinatorial mode decides how choices are made)"
 
 
@@ -299,7 +366,9 @@ class _Parser:
                     buf[-1] = buf[-1].rstrip(" \t")
             elif c == "$":
                 if s.startswith("${", self.i):
-                    raise self.error("variables ${...} are not supported", self.i)
+                    flush()
+                    parts.append(self.variable())
+                    continue
                 buf.append(c)
                 self.i += 1
             else:                   # "_"
@@ -318,13 +387,54 @@ class _Parser:
                     parts.append(Wildcard(name))
                     self.i = m.end()
                     continue
-                if _PARAMETERISED.match(s, self.i):
-                    raise self.error("parameterised wildcards __name(var=...)__ are not "
-                                     "supported", self.i)
+                p = _PARAMETERISED.match(s, self.i)
+                if p:
+                    flush()
+                    parts.append(self.parameterised(p))
+                    continue
                 buf.append(c)
                 self.i += 1
         flush()
         return Seq(tuple(parts))
+
+    def variable(self) -> Assign | Ref:
+        """``${name=value}``, ``${name=!value}``, ``${name}`` or ``${name:default}``."""
+        s, start = self.s, self.i
+        m = _VARIABLE.match(s, start)
+        if not m:
+            raise self.error("expected a variable name after '${'", start + 2)
+        name, op = m.group(1), m.group(2)
+        self.i = m.end()
+        if op == "}":
+            return Ref(name)
+        immediate = op == "=" and s.startswith("!", self.i)
+        self.i += immediate
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise self.error(f"variables nested more than {MAX_NESTING} deep", start)
+        value = self.seq(in_variant=True)
+        self.depth -= 1
+        if self.i >= len(s) or s[self.i] != "}":
+            raise self.error(f"unclosed '${{{name}{op}'", start,
+                             " (a value with options needs braces: ${x={a|b}})")
+        self.i += 1
+        return Assign(name, value, immediate) if op == "=" else Ref(name, value)
+
+    def parameterised(self, m: re.Match[str]) -> WithParams:
+        """``__name(var=value, var2=value2)__``: values are templates without ``,`` ``)``."""
+        text = m.group()
+        name, _, params = text[2:-3].partition("(")
+        pairs = []
+        for item in params.split(","):
+            key, eq, value = item.partition("=")
+            if not eq or not _NAME.fullmatch(key.strip()):
+                raise self.error(f"expected var=value in {text}, got {item.strip()!r}", self.i)
+            pairs.append((key.strip(), parse(value.strip())))
+        self.i = m.end()
+        target = _Parser(f"__{name}__").seq(in_variant=False).parts
+        if len(target) != 1 or not isinstance(target[0], (Wildcard, NamedBy)):
+            raise self.error(f"__{name}__ is not a wildcard name", self.i)
+        return WithParams(target[0], tuple(pairs))
 
     def named_by(self) -> NamedBy | None:
         """``__name-{a|b}__`` (a variant in a wildcard's name), or None for anything else."""
@@ -343,8 +453,8 @@ class _Parser:
                 break
             j += 1
         inner = s[start + 2:j]
-        if depth or not s.startswith("__", j) or "{" not in inner:
-            return None
+        if depth or not s.startswith("__", j) or "{" not in inner or inner.endswith(")"):
+            return None   # not one, or parameterised: __name(var={a|b})__
         try:
             name = _Parser(inner).seq(in_variant=False)
         except WildcardError as exc:
@@ -581,8 +691,10 @@ class Library:
             self._cum[name] = cum
         return cum
 
-    def _count(self, name: str, stack: tuple[str, ...]) -> int:
-        known = self._counts.get(name)
+    def _count(self, name: str, stack: tuple[str, ...], env: Env = ()) -> int:
+        """The expansions of ``name``'s values; memoised where no variable is set (a value's
+        ``${x}`` depends on what the template set)."""
+        known = self._counts.get(name) if not env else None
         if known is not None:
             return known
         chain = " -> ".join(f"__{n}__" for n in (*stack, name))
@@ -595,17 +707,20 @@ class Library:
         total = 0
         for value in self._get(name):
             try:
-                total = _capped(total + _count(value.node, self, inner))
+                total = _capped(total + _count(value.node, self, inner, env))
             except WildcardError as e:
                 raise e.located(value.where) from None
-        self._counts[name] = total
+        if not env:
+            self._counts[name] = total
         return total
 
-    def _longest_value(self, name: str) -> int:
+    def _longest_value(self, name: str, env: Env = ()) -> int:
         """The longest expansion of any value of ``name`` (after :meth:`_count` checked it)."""
-        known = self._longest.get(name)
+        known = self._longest.get(name) if not env else None
         if known is None:
-            known = self._longest[name] = max(_longest(v.node, self) for v in self._get(name))
+            known = max(_longest(v.node, self, env) for v in self._get(name))
+            if not env:
+                self._longest[name] = known
         return known
 
 
@@ -845,31 +960,56 @@ def _pool(variant: Variant, library: Library) -> tuple[list[Seq], list[float], s
     return list(merged), list(merged.values()), None
 
 
-def _names(node: NamedBy, library: Library) -> list[str]:
+def _names(node: NamedBy, library: Library, env: Env = ()) -> list[str]:
     """The names a ``NamedBy`` looks up, in order (bounded: each one is a lookup)."""
-    if _count(node.name, library, ()) > MAX_NAMES:
+    if _count(node.name, library, (), env) > MAX_NAMES:
         raise WildcardError("__...__", f"a wildcard name with variants expands to more than "
                                        f"{MAX_NAMES:,} names")
-    return list(dict.fromkeys(_gen(node.name, library)))
+    return list(dict.fromkeys(_gen(node.name, library, env)))
 
 
-def _count(node: Node, library: Library, stack: tuple[str, ...]) -> int:
+def _count(node: Node, library: Library, stack: tuple[str, ...], env: Env = ()) -> int:
     if isinstance(node, Literal):
         return 1
     if isinstance(node, Seq):
-        return _capped_product(_count(p, library, stack) for p in node.parts)
+        return _count_parts(node.parts, library, stack, env)
     if isinstance(node, Wildcard):
-        return library._count(node.name, stack)
+        return library._count(node.name, stack, env)
     if isinstance(node, NamedBy):
-        return _capped(sum(library._count(name, stack) for name in _names(node, library)))
+        return _capped(sum(library._count(name, stack, env)
+                           for name in _names(node, library, env)))
+    if isinstance(node, Ref):
+        bound = _lookup(env, node)
+        if bound.once or bound.seq is None:
+            return 1
+        return _count(bound.seq, library, stack, bound.env)
+    if isinstance(node, WithParams):
+        return _count(node.target, library, stack, _bind(env, node.params))
+    if isinstance(node, Assign):   # alone: sets nothing that is used
+        return _count(node.value, library, stack, env) if node.immediate else 1
     nodes, _, pooled = _pool(node, library)
     if pooled is not None:
-        library._count(pooled, stack)       # cycle and depth checks, memoised
-        counts = [_count(n, library, (*stack, pooled)) for n in nodes]
+        library._count(pooled, stack, env)       # cycle and depth checks, memoised
+        counts = [_count(n, library, (*stack, pooled), env) for n in nodes]
     else:
-        counts = [_count(n, library, stack) for n in nodes]
+        counts = [_count(n, library, stack, env) for n in nodes]
     lo, hi = _bounds(node, len(nodes))
     return _orderings_total(counts, lo, hi)
+
+
+def _count_parts(parts: Sequence[Node], library: Library, stack: tuple[str, ...],
+                 env: Env) -> int:
+    """Parts one after another; an assignment sets its variable for the parts after it (an
+    immediate one multiplies by its value's expansions, each use then counts once)."""
+    total = 1
+    for part in parts:
+        if isinstance(part, Assign):
+            if part.immediate:
+                total = _capped(total * _count(part.value, library, stack, env))
+            env = (*env, (part.name, _Bound(part.value, env, once=part.immediate)))
+        else:
+            total = _capped(total * _count(part, library, stack, env))
+    return total
 
 
 def count(template: str | Seq, library: Library) -> int:
@@ -890,18 +1030,33 @@ def count(template: str | Seq, library: Library) -> int:
     return known
 
 
-def _longest(node: Node, library: Library) -> int:
+def _longest(node: Node, library: Library, env: Env = ()) -> int:
     if isinstance(node, Literal):
         return len(node.text)
     if isinstance(node, Seq):
-        return _capped(sum(_longest(p, library) for p in node.parts))
+        total = 0
+        for part in node.parts:
+            if isinstance(part, Assign):
+                env = (*env, (part.name, _Bound(part.value, env, once=part.immediate)))
+            else:
+                total = _capped(total + _longest(part, library, env))
+        return total
     if isinstance(node, Wildcard):
-        return library._longest_value(node.name)
+        return library._longest_value(node.name, env)
     if isinstance(node, NamedBy):
-        return max(library._longest_value(name) for name in _names(node, library))
+        return max(library._longest_value(name, env) for name in _names(node, library, env))
+    if isinstance(node, Ref):
+        bound = _lookup(env, node)
+        if bound.seq is None:
+            return len(bound.text or "")
+        return _longest(bound.seq, library, bound.env)
+    if isinstance(node, WithParams):
+        return _longest(node.target, library, _bind(env, node.params))
+    if isinstance(node, Assign):
+        return 0
     nodes, _, _ = _pool(node, library)
     _, hi = _bounds(node, len(nodes))
-    lengths = [_longest(n, library) for n in nodes]
+    lengths = [_longest(n, library, env) for n in nodes]
     picked = heapq.nlargest(hi, lengths) if hi < len(lengths) else lengths
     return _capped(sum(picked) + len(node.sep) * max(hi - 1, 0))
 
@@ -958,39 +1113,67 @@ def _join(texts: Sequence[str], sep: str) -> str:
     return sep.join(t for t in texts if t)
 
 
-def _factory(node: Node, library: Library) -> Callable[[], Iterator[str]]:
-    return lambda: _gen(node, library)
+def _factory(node: Node, library: Library, env: Env) -> Callable[[], Iterator[str]]:
+    return lambda: _gen(node, library, env)
 
 
-def _parts(seq: Seq, library: Library) -> Iterator[tuple[str, ...]]:
-    return _product([_factory(p, library) for p in seq.parts])
+def _parts(parts: Sequence[Node], library: Library, env: Env) -> Iterator[tuple[str, ...]]:
+    """The texts of ``parts``, one per part, leftmost slowest. An assignment is an empty
+    text that sets its variable for the parts after it: an immediate one once per value."""
+    at = next((i for i, p in enumerate(parts) if isinstance(p, Assign)), None)
+    if at is None:
+        yield from _product([_factory(p, library, env) for p in parts])
+        return
+    assign, rest = parts[at], parts[at + 1:]
+    assert isinstance(assign, Assign)
+    for head in _product([_factory(p, library, env) for p in parts[:at]]):
+        if assign.immediate:
+            for text in _gen(assign.value, library, env):
+                bound = (*env, (assign.name, _Bound(None, text=text, once=True)))
+                for tail in _parts(rest, library, bound):
+                    yield (*head, "", *tail)
+        else:
+            bound = (*env, (assign.name, _Bound(assign.value, env)))
+            for tail in _parts(rest, library, bound):
+                yield (*head, "", *tail)
 
 
-def _gen(node: Node, library: Library) -> Iterator[str]:
+def _gen(node: Node, library: Library, env: Env = ()) -> Iterator[str]:
     if isinstance(node, Literal):
         yield node.text
     elif isinstance(node, Seq):
-        if len(node.parts) == 1:
-            yield from _gen(node.parts[0], library)
+        if len(node.parts) == 1 and not isinstance(node.parts[0], Assign):
+            yield from _gen(node.parts[0], library, env)
         else:
-            for texts in _parts(node, library):
+            for texts in _parts(node.parts, library, env):
                 yield "".join(texts)
     elif isinstance(node, (Wildcard, NamedBy)):
-        names = [node.name] if isinstance(node, Wildcard) else _names(node, library)
+        names = [node.name] if isinstance(node, Wildcard) else _names(node, library, env)
         for name in names:
             for value in library._get(name):
-                yield from _gen(value.node, library)
+                yield from _gen(value.node, library, env)
+    elif isinstance(node, Ref):
+        bound = _lookup(env, node)
+        if bound.seq is None:
+            yield bound.text or ""
+        else:
+            yield from _gen(bound.seq, library, bound.env)
+    elif isinstance(node, WithParams):
+        yield from _gen(node.target, library, _bind(env, node.params))
+    elif isinstance(node, Assign):
+        yield ""
     else:
         nodes, _, _ = _pool(node, library)
         lo, hi = _bounds(node, len(nodes))
         for k in range(lo, hi + 1):
             for chosen in itertools.permutations(nodes, k):
-                for texts in _product([_factory(c, library) for c in chosen]):
+                for texts in _product([_factory(c, library, env) for c in chosen]):
                     yield _join(texts, node.sep)
 
 
 def _choices(seq: Seq) -> list[int]:
-    return [i for i, p in enumerate(seq.parts) if isinstance(p, (Variant, Wildcard, NamedBy))]
+    return [i for i, p in enumerate(seq.parts)
+            if isinstance(p, (Variant, Wildcard, NamedBy, WithParams))]
 
 
 def combinations(template: str | Seq, library: Library) -> Iterator[Expansion]:
@@ -1003,7 +1186,7 @@ def combinations(template: str | Seq, library: Library) -> Iterator[Expansion]:
     chosen = _choices(node)
 
     def stream() -> Iterator[Expansion]:
-        for texts in _parts(node, library):
+        for texts in _parts(node.parts, library, ()):
             yield Expansion("".join(texts), tuple(texts[i] for i in chosen))
 
     return stream()
@@ -1027,15 +1210,25 @@ def _choose(rng: random.Random, weights: list[float], k: int) -> list[int]:
     return taken
 
 
-def _sample(node: Node, library: Library, rng: random.Random) -> str:
+def _sample(node: Node, library: Library, rng: random.Random, env: Env = ()) -> str:
     if isinstance(node, Literal):
         return node.text
     if isinstance(node, Seq):
-        return "".join(_sample(p, library, rng) for p in node.parts)
+        return "".join(_sample_parts(node.parts, library, rng, env))
     if isinstance(node, (Wildcard, NamedBy)):
-        name = node.name if isinstance(node, Wildcard) else _sample(node.name, library, rng)
+        name = node.name if isinstance(node, Wildcard) else \
+            _sample(node.name, library, rng, env)
         values = library._get(name)
-        return _sample(values[_pick(rng, library._cum_weights(name))].node, library, rng)
+        return _sample(values[_pick(rng, library._cum_weights(name))].node, library, rng, env)
+    if isinstance(node, Ref):
+        bound = _lookup(env, node)
+        if bound.seq is None:
+            return bound.text or ""
+        return _sample(bound.seq, library, rng, bound.env)
+    if isinstance(node, WithParams):
+        return _sample(node.target, library, rng, _bind(env, node.params))
+    if isinstance(node, Assign):
+        return ""
     nodes, weights, pooled = _pool(node, library)
     lo, hi = _bounds(node, len(nodes))
     k = lo if lo == hi else rng.randint(lo, hi)
@@ -1044,7 +1237,24 @@ def _sample(node: Node, library: Library, rng: random.Random) -> str:
         chosen = [_pick(rng, cum)]
     else:
         chosen = _choose(rng, weights, k)
-    return _join([_sample(nodes[i], library, rng) for i in chosen], node.sep)
+    return _join([_sample(nodes[i], library, rng, env) for i in chosen], node.sep)
+
+
+def _sample_parts(parts: Sequence[Node], library: Library, rng: random.Random,
+                  env: Env) -> list[str]:
+    """One draw of each part, assignments applied in order (an immediate one drawn once)."""
+    texts = []
+    for part in parts:
+        if isinstance(part, Assign):
+            if part.immediate:
+                text = _sample(part.value, library, rng, env)
+                env = (*env, (part.name, _Bound(None, text=text, once=True)))
+            else:
+                env = (*env, (part.name, _Bound(part.value, env)))
+            texts.append("")
+        else:
+            texts.append(_sample(part, library, rng, env))
+    return texts
 
 
 def sample(template: str | Seq, library: Library, rng: random.Random) -> Expansion:
@@ -1054,5 +1264,5 @@ def sample(template: str | Seq, library: Library, rng: random.Random) -> Expansi
     """
     node = parse(template) if isinstance(template, str) else template
     count(node, library)
-    texts = [_sample(p, library, rng) for p in node.parts]
+    texts = _sample_parts(node.parts, library, rng, ())
     return Expansion("".join(texts), tuple(texts[i] for i in _choices(node)))

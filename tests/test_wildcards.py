@@ -126,6 +126,14 @@ EXPECTED: list[tuple[str, list[str]]] = [
     ("__colors/{warm|cold}__", ["red", "orange", "blue", "teal", "cyan"]),   # name variants
     ("{x|y} __colors/{warm|cold}__", ["x red", "x orange", "x blue", "x teal", "x cyan",
                                       "y red", "y orange", "y blue", "y teal", "y cyan"]),
+    # variables: set for what follows; non-immediate re-expands at each use
+    ("${s={a|b}}${s} and ${s}", ["a and a", "a and b", "b and a", "b and b"]),
+    ("${s=!{a|b}}${s} and ${s}", ["a and a", "b and b"]),      # immediate: chosen once
+    ("x ${y:def} z", ["x def z"]),
+    ("${y=set}x ${y:def} z", ["x set z"]),
+    ("${a={x|y}}${b=!${a}${a}}${b}/${b}", ["xx/xx", "xy/xy", "yx/yx", "yy/yy"]),
+    ("${c=__colors/warm__}{1-2$$${c}|none}", [
+        "red", "orange", "none", "red, none", "orange, none", "none, red", "none, orange"]),
     ("a}b", ["a}b"]),                      # a stray '}' is text
     ("{a|b}}", ["a}", "b}"]),
     ("{0.5::a|2::b|c}", ["a", "b", "c"]),
@@ -395,14 +403,9 @@ def test_bad_structured_items(tmp_path: Path) -> None:
     ("a {b", "unclosed '{' at column 3"),
     ("{a|{b}", "unclosed '{' at column 1"),
     ("{3-1$$a|b}", "empty range 3-1$$ in variant at column 1"),
-    ("x ${season=summer}", "variables ${...} are not supported at column 3"),
     ("{~a|b}", "sampler prefix '~' in a variant is not supported at column 2"),
     ("{@a|b}", "sampler prefix '@' in a variant is not supported at column 2"),
     ("__~colors__", "sampler prefix '~' in __~colors__ is not supported at column 1"),
-    ("__clothes(season=winter)__",
-     "parameterised wildcards __name(var=...)__ are not supported at column 1"),
-    ("__a b __c(x=1)__", "parameterised wildcards __name(var=...)__ are not supported at "
-                         "column 7"),
     ("{" * 40 + "}" * 40, f"variants nested more than {MAX_NESTING} deep at column 33"),
 ])
 def test_syntax_errors(template: str, message: str) -> None:
@@ -604,3 +607,21 @@ def test_a_variant_in_a_wildcard_name_is_looked_up_for_each_name(lib: Library) -
     with pytest.raises(WildcardError, match=r"^in the wildcard name __x{3-1\$\$a}__: empty "
                                             r"range 3-1\$\$ in variant at column 4$"):
         parse("__x{3-1$$a}__")
+
+
+def test_variables_reach_wildcard_values_and_parameters_set_them(tmp_path: Path) -> None:
+    write(tmp_path, {"animal.txt": "a ${kind:cat} in the ${place:snow}\n"})
+    library = Library([tmp_path])
+    assert texts("__animal__", library) == ["a cat in the snow"]
+    assert texts("${kind={dog|fox}}__animal__", library) == [
+        "a dog in the snow", "a fox in the snow"]
+    assert texts("__animal(kind=dog, place={field|wood})__", library) == [
+        "a dog in the field", "a dog in the wood"]
+    assert count("__animal(kind={a|b|c})__ __animal__", library) == 3
+    draws = {sample("${k=!{a|b}}${k} __animal(kind=${k})__", library,
+                    random.Random(seed)).text for seed in range(40)}
+    assert draws == {"a a a in the snow", "b a b in the snow"}
+    with pytest.raises(WildcardError, match=r"variable \$\{k\} is not set"):
+        count("${k} x", library)
+    with pytest.raises(WildcardError, match=r"unclosed '\$\{k='"):
+        parse("${k={a|b} x")
