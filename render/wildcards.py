@@ -30,6 +30,7 @@ Syntax (``{``, ``}``, ``|`` and ``$$`` are special only as described; everything
 ``__name-{a|b}__``          variants in a name: each name looked up, their values in turn
 ``${x=v}`` ``${x}``          variables (``${x=!v}`` chosen once, ``${x:default}``)
 ``__name(x=v)__``           a wildcard with variables set for its values
+``%{w ... x$$prompt}``      wrap: the prompt where the wrapper's first ``...`` is
 ``# note``                  a comment, to the end of its line (and the spaces before it)
 ``\{ \} \| \_ \#``          literal ``{ } | _ #``; ``\\`` and every other ``\x`` stay as written
 ==========================  ==========================================================
@@ -68,8 +69,9 @@ Decisions (where dynamicprompts differs, or is silent):
   without a default, is an error. Counting stays exact: an immediate variable multiplies by
   its value's expansions, a non-immediate one by its value's at each use.
 * Not supported, and an error rather than silently literal: sampler prefixes ``{~..}``,
-  ``{@..}``, ``{!..}``, ``__~x__`` (the job's ``wildcards:`` mode decides), and the wrap
-  command ``%{...$$...}``.
+  ``{@..}``, ``{!..}``, ``__~x__`` (the job's ``wildcards:`` mode decides).
+* The wrap command ``%{wrapper$$prompt}`` puts the prompt at the wrapper's first ``...``; a
+  wrapper without ``...`` is an error (dynamicprompts appends the prompt to it silently).
 * A syntax error inside a wildcard value is reported at ``file:line:column``.
 * ``picks`` holds the expanded text of each top-level choice (variant or wildcard) of the
   template, in template order, so every expansion of a template has the same number.
@@ -213,6 +215,18 @@ class WithParams:
 
 
 @dataclass(frozen=True)
+class Wrap:
+    """``%{wrapper$$prompt}``: each expansion of ``prompt`` put where the wrapper's first
+    ``...`` is, in each expansion of the wrapper."""
+
+    wrapper: Seq
+    body: Seq
+
+
+WRAP_MARKER = "..."
+
+
+@dataclass(frozen=True)
 class _Bound:
     """A variable's binding: a template (and the variables it was set under), or, for an
     immediate one while expanding, its chosen text; ``once`` counts a use as 1 choice."""
@@ -279,7 +293,7 @@ class Seq:
     parts: tuple[Node, ...] = ()
 
 
-Node = Literal | Wildcard | NamedBy | Variant | Seq | Assign | Ref | WithParams
+Node = Literal | Wildcard | NamedBy | Variant | Seq | Assign | Ref | WithParams | Wrap
 
 
 @dataclass(frozen=True)
@@ -293,7 +307,7 @@ class Expansion:
 # --------------------------------------------------------------------------------------------
 # Parser
 
-_PLAIN = re.compile(r"[^\\{}|$_#]+")
+_PLAIN = re.compile(r"[^\\{}|$_#%]+")
 _ESCAPABLE = "{}|_#"
 _NAME_EDGE = r"[^\s_{}|()\\$]"
 _WILDCARD = re.compile(rf"__({_NAME_EDGE}(?:(?:(?!__)[^\n\r{{}}|()\\$])*{_NAME_EDGE})?)__")
@@ -318,7 +332,7 @@ class _Parser:
         return WildcardError(self.s, f"{message} at column {at + 1}{hint}", column=at + 1,
                              bare=f"{message}{hint}")
 
-    def seq(self, in_variant: bool) -> Seq:
+    def seq(self, in_variant: bool, *, until_dollars: bool = False) -> Seq:
         s, n = self.s, len(self.s)
         parts: list[Node] = []
         buf: list[str] = []
@@ -364,7 +378,12 @@ class _Parser:
                 self.i = n if end < 0 else end
                 if buf:             # the spaces before it go with it
                     buf[-1] = buf[-1].rstrip(" \t")
+            elif c == "%" and s.startswith("%{", self.i):
+                flush()
+                parts.append(self.wrap())
             elif c == "$":
+                if until_dollars and s.startswith("$$", self.i):
+                    break
                 if s.startswith("${", self.i):
                     flush()
                     parts.append(self.variable())
@@ -396,6 +415,28 @@ class _Parser:
                 self.i += 1
         flush()
         return Seq(tuple(parts))
+
+    def wrap(self) -> Wrap:
+        """``%{wrapper$$prompt}``; the wrapper must say where the prompt goes (``...``)."""
+        s, start = self.s, self.i
+        self.i += 2
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise self.error(f"wrap commands nested more than {MAX_NESTING} deep", start)
+        wrapper = self.seq(in_variant=True, until_dollars=True)
+        if not s.startswith("$$", self.i):
+            raise self.error("the wrap command %{...} needs `$$` between the wrapper and "
+                             "the prompt: %{wrapper ... text$$prompt}", start)
+        if not any(isinstance(p, Literal) and WRAP_MARKER in p.text for p in wrapper.parts):
+            raise self.error(f"the wrapper of %{{...$$...}} needs `{WRAP_MARKER}` where the "
+                             "prompt goes", start)
+        self.i += 2
+        body = self.seq(in_variant=True)
+        if self.i >= len(s) or s[self.i] != "}":
+            raise self.error("unclosed '%{'", start)
+        self.i += 1
+        self.depth -= 1
+        return Wrap(wrapper, body)
 
     def variable(self) -> Assign | Ref:
         """``${name=value}``, ``${name=!value}``, ``${name}`` or ``${name:default}``."""
@@ -987,6 +1028,9 @@ def _count(node: Node, library: Library, stack: tuple[str, ...], env: Env = ()) 
         return _count(node.target, library, stack, _bind(env, node.params))
     if isinstance(node, Assign):   # alone: sets nothing that is used
         return _count(node.value, library, stack, env) if node.immediate else 1
+    if isinstance(node, Wrap):
+        return _capped(_count(node.wrapper, library, stack, env)
+                       * _count(node.body, library, stack, env))
     nodes, _, pooled = _pool(node, library)
     if pooled is not None:
         library._count(pooled, stack, env)       # cycle and depth checks, memoised
@@ -1054,6 +1098,9 @@ def _longest(node: Node, library: Library, env: Env = ()) -> int:
         return _longest(node.target, library, _bind(env, node.params))
     if isinstance(node, Assign):
         return 0
+    if isinstance(node, Wrap):
+        return _capped(_longest(node.wrapper, library, env) + _longest(node.body, library, env)
+                       - len(WRAP_MARKER))
     nodes, _, _ = _pool(node, library)
     _, hi = _bounds(node, len(nodes))
     lengths = [_longest(n, library, env) for n in nodes]
@@ -1162,6 +1209,10 @@ def _gen(node: Node, library: Library, env: Env = ()) -> Iterator[str]:
         yield from _gen(node.target, library, _bind(env, node.params))
     elif isinstance(node, Assign):
         yield ""
+    elif isinstance(node, Wrap):
+        for wrapper in _gen(node.wrapper, library, env):
+            for body in _gen(node.body, library, env):
+                yield wrapper.replace(WRAP_MARKER, body, 1)
     else:
         nodes, _, _ = _pool(node, library)
         lo, hi = _bounds(node, len(nodes))
@@ -1173,7 +1224,7 @@ def _gen(node: Node, library: Library, env: Env = ()) -> Iterator[str]:
 
 def _choices(seq: Seq) -> list[int]:
     return [i for i, p in enumerate(seq.parts)
-            if isinstance(p, (Variant, Wildcard, NamedBy, WithParams))]
+            if isinstance(p, (Variant, Wildcard, NamedBy, WithParams, Wrap))]
 
 
 def combinations(template: str | Seq, library: Library) -> Iterator[Expansion]:
@@ -1229,6 +1280,9 @@ def _sample(node: Node, library: Library, rng: random.Random, env: Env = ()) -> 
         return _sample(node.target, library, rng, _bind(env, node.params))
     if isinstance(node, Assign):
         return ""
+    if isinstance(node, Wrap):
+        wrapper = _sample(node.wrapper, library, rng, env)
+        return wrapper.replace(WRAP_MARKER, _sample(node.body, library, rng, env), 1)
     nodes, weights, pooled = _pool(node, library)
     lo, hi = _bounds(node, len(nodes))
     k = lo if lo == hi else rng.randint(lo, hi)

@@ -134,6 +134,12 @@ EXPECTED: list[tuple[str, list[str]]] = [
     ("${a={x|y}}${b=!${a}${a}}${b}/${b}", ["xx/xx", "xy/xy", "yx/yx", "yy/yy"]),
     ("${c=__colors/warm__}{1-2$$${c}|none}", [
         "red", "orange", "none", "red, none", "orange, none", "none, red", "none, orange"]),
+    # the wrap command: the prompt where the wrapper's first "..." is
+    ("%{beautiful ... painting$${cat|dog}}", ["beautiful cat painting", "beautiful dog painting"]),
+    ("%{{oil|ink} ...$$__colors/warm__} {x|y}", [
+        "oil red x", "oil red y", "oil orange x", "oil orange y",
+        "ink red x", "ink red y", "ink orange x", "ink orange y"]),
+    ("100% %{a...b$$}", ["100% ab"]),
     ("a}b", ["a}b"]),                      # a stray '}' is text
     ("{a|b}}", ["a}", "b}"]),
     ("{0.5::a|2::b|c}", ["a", "b", "c"]),
@@ -407,6 +413,10 @@ def test_bad_structured_items(tmp_path: Path) -> None:
     ("{@a|b}", "sampler prefix '@' in a variant is not supported at column 2"),
     ("__~colors__", "sampler prefix '~' in __~colors__ is not supported at column 1"),
     ("{" * 40 + "}" * 40, f"variants nested more than {MAX_NESTING} deep at column 33"),
+    ("x %{fox$$y}", "the wrapper of %{...$$...} needs `...` where the prompt goes at column 3"),
+    ("%{a ...}", "the wrap command %{...} needs `$$` between the wrapper and the prompt"),
+    ("%{a ...$$b|c}", "unclosed '%{' at column 1"),
+    ("${=x}", "expected a variable name after '${' at column 3"),
 ])
 def test_syntax_errors(template: str, message: str) -> None:
     with pytest.raises(WildcardError) as info:
