@@ -909,7 +909,7 @@ def _prompt_expansions(plan: JobPlan) -> Iterator[wildcards.Expansion]:
         return
     for draw in range(plan.prompt_count):
         yield wildcards.sample(template, plan.file.library, _rng(plan.job.name, plan.seeds[0],
-                                                                draw))
+                                                                draw), draw)
 
 
 def iter_tasks(plan: JobPlan) -> Iterator[Task]:

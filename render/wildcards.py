@@ -68,8 +68,9 @@ Decisions (where dynamicprompts differs, or is silent):
   ``__name(x=value, y=value)__`` sets them for one wildcard. A variable used but never set,
   without a default, is an error. Counting stays exact: an immediate variable multiplies by
   its value's expansions, a non-immediate one by its value's at each use.
-* Not supported, and an error rather than silently literal: sampler prefixes ``{~..}``,
-  ``{@..}``, ``{!..}``, ``__~x__`` (the job's ``wildcards:`` mode decides).
+* Sampler prefixes (``{~a|b}``, ``{@a|b}``, ``{!a|b}``, ``__~x__`` ...): see
+  :class:`Variant`; they apply to a single pick. In combinatorial mode a ``~`` or ``@``
+  choice counts once (dynamicprompts repeats a random draw up to ``max_prompts`` times).
 * The wrap command ``%{wrapper$$prompt}`` puts the prompt at the wrapper's first ``...``; a
   wrapper without ``...`` is an error (dynamicprompts appends the prompt to it silently).
 * A syntax error inside a wildcard value is reported at ``file:line:column``.
@@ -82,6 +83,7 @@ from __future__ import annotations
 import bisect
 import difflib
 import fnmatch
+import hashlib
 import heapq
 import itertools
 import json
@@ -174,9 +176,11 @@ class Literal:
 
 @dataclass(frozen=True)
 class Wildcard:
-    """``__name__``; ``name`` may be a glob."""
+    """``__name__``; ``name`` may be a glob. ``sampler``: ``~``, ``@`` or ``!`` as written
+    (``__~name__``), see :class:`Variant`."""
 
     name: str
+    sampler: str = ""
 
 
 @dataclass(frozen=True)
@@ -229,12 +233,39 @@ WRAP_MARKER = "..."
 @dataclass(frozen=True)
 class _Bound:
     """A variable's binding: a template (and the variables it was set under), or, for an
-    immediate one while expanding, its chosen text; ``once`` counts a use as 1 choice."""
+    immediate one while expanding, its chosen text; ``once`` counts a use as 1 choice.
+    The reserved name ``_DRAWS`` binds the samplers' state instead (``draws``)."""
 
     seq: Seq | None
     env: tuple[tuple[str, _Bound], ...] = ()
     text: str | None = None
     once: bool = False
+    draws: _Draws | None = field(default=None, compare=False)
+
+
+@dataclass(eq=False)
+class _Draws:
+    """How sampler prefixes choose during one expansion call: ``~`` with ``rng``; ``@`` and
+    ``!`` in random mode take option ``draw`` (the prompt's number); ``@`` in combinatorial
+    mode the next one at each use (``turns``, per node)."""
+
+    rng: random.Random
+    draw: int = 0
+    turns: dict[int, int] = field(default_factory=dict)
+
+
+_DRAWS = "\x00draws"
+
+
+def _draws(env: Env) -> _Draws:
+    for name, bound in env:
+        if name == _DRAWS and bound.draws is not None:
+            return bound.draws
+    return _Draws(random.Random(0))
+
+
+def _with_draws(draws: _Draws) -> Env:
+    return ((_DRAWS, _Bound(None, draws=draws)),)
 
 
 Env = tuple[tuple[str, _Bound], ...]
@@ -269,12 +300,19 @@ class Option:
 
 @dataclass(frozen=True)
 class Variant:
-    """``{lo-hi$$sep$$a|b}``; ``hi`` None means "all options"."""
+    """``{lo-hi$$sep$$a|b}``; ``hi`` None means "all options".
+
+    ``sampler`` (SYNTAX.md's prefixes, ``{~a|b}``): ``~`` draws at random also in
+    combinatorial mode (one expansion, not one per option); ``@`` cycles: combinatorial mode
+    takes the next option at each use, random mode option *n* for the job's *n*-th prompt;
+    ``!`` enumerates: combinatorial as usual, random mode option *n* for prompt *n*.
+    """
 
     options: tuple[Option, ...]
     lo: int = 1
     hi: int | None = 1
     sep: str = DEFAULT_JOINER
+    sampler: str = ""
 
     @property
     def pooled(self) -> Wildcard | None:
@@ -399,11 +437,9 @@ class _Parser:
                 m = _WILDCARD.match(s, self.i)
                 if m:
                     name = m.group(1)
-                    if name[0] in "~@!":
-                        raise self.error(f"sampler prefix {name[0]!r} in __{name}__ is not "
-                                         "supported", self.i, _MODE_HINT)
+                    sampler = name[0] if name[0] in "~@!" else ""
                     flush()
-                    parts.append(Wildcard(name))
+                    parts.append(Wildcard(name[len(sampler):], sampler))
                     self.i = m.end()
                     continue
                 p = _PARAMETERISED.match(s, self.i)
@@ -529,9 +565,13 @@ class _Parser:
                 sep = j.group(1)
                 self.i = j.end()
         self.i = _skip_space(s, self.i)
+        sampler = ""
         if self.i < len(s) and s[self.i] in "~@!":
-            raise self.error(f"sampler prefix {s[self.i]!r} in a variant is not supported",
-                             self.i, _MODE_HINT)
+            sampler = s[self.i]
+            if (lo, hi) != (1, 1):
+                raise self.error(f"sampler prefix {sampler!r} applies to a single pick, not "
+                                 f"to {lo}-{'' if hi is None else hi}$$", self.i, _MODE_HINT)
+            self.i += 1
         options: list[Option] = []
         while True:
             self.i = _skip_space(s, self.i)
@@ -546,7 +586,7 @@ class _Parser:
             self.i += 1
             if s[self.i - 1] == "}":
                 self.depth -= 1
-                return Variant(tuple(options), lo, hi, sep)
+                return Variant(tuple(options), lo, hi, sep, sampler)
 
 
 def _skip_space(s: str, i: int) -> int:
@@ -1001,6 +1041,14 @@ def _pool(variant: Variant, library: Library) -> tuple[list[Seq], list[float], s
     return list(merged), list(merged.values()), None
 
 
+def _option(node: Wildcard | Variant, library: Library, turn: int) -> Seq:
+    """Option (or value) number ``turn`` of a cycling sampler, round and round."""
+    if isinstance(node, Wildcard):
+        values = library._get(node.name)
+        return values[turn % len(values)].node
+    return node.options[turn % len(node.options)].body
+
+
 def _names(node: NamedBy, library: Library, env: Env = ()) -> list[str]:
     """The names a ``NamedBy`` looks up, in order (bounded: each one is a lookup)."""
     if _count(node.name, library, (), env) > MAX_NAMES:
@@ -1015,7 +1063,8 @@ def _count(node: Node, library: Library, stack: tuple[str, ...], env: Env = ()) 
     if isinstance(node, Seq):
         return _count_parts(node.parts, library, stack, env)
     if isinstance(node, Wildcard):
-        return library._count(node.name, stack, env)
+        total = library._count(node.name, stack, env)   # checked either way
+        return 1 if node.sampler in ("~", "@") else total
     if isinstance(node, NamedBy):
         return _capped(sum(library._count(name, stack, env)
                            for name in _names(node, library, env)))
@@ -1038,6 +1087,8 @@ def _count(node: Node, library: Library, stack: tuple[str, ...], env: Env = ()) 
     else:
         counts = [_count(n, library, stack, env) for n in nodes]
     lo, hi = _bounds(node, len(nodes))
+    if node.sampler in ("~", "@"):   # one choice per use, however many options
+        return 1
     return _orderings_total(counts, lo, hi)
 
 
@@ -1169,7 +1220,16 @@ def _parts(parts: Sequence[Node], library: Library, env: Env) -> Iterator[tuple[
     text that sets its variable for the parts after it: an immediate one once per value."""
     at = next((i for i, p in enumerate(parts) if isinstance(p, Assign)), None)
     if at is None:
-        yield from _product([_factory(p, library, env) for p in parts])
+        fresh = [i for i, p in enumerate(parts) if _per_use(p)]
+        if not fresh:
+            yield from _product([_factory(p, library, env) for p in parts])
+            return
+        # a `~` or `@` choice is made again for every expansion, wherever it stands
+        others = [p for i, p in enumerate(parts) if i not in fresh]
+        for combo in _product([_factory(p, library, env) for p in others]):
+            rest = iter(combo)
+            yield tuple(next(_gen(p, library, env)) if i in fresh else next(rest)
+                        for i, p in enumerate(parts))
         return
     assign, rest = parts[at], parts[at + 1:]
     assert isinstance(assign, Assign)
@@ -1185,6 +1245,11 @@ def _parts(parts: Sequence[Node], library: Library, env: Env) -> Iterator[tuple[
                 yield (*head, "", *tail)
 
 
+def _per_use(node: Node) -> bool:
+    """A choice made afresh at each use (``~`` and ``@`` samplers), not enumerated."""
+    return isinstance(node, (Wildcard, Variant)) and node.sampler in ("~", "@")
+
+
 def _gen(node: Node, library: Library, env: Env = ()) -> Iterator[str]:
     if isinstance(node, Literal):
         yield node.text
@@ -1194,6 +1259,14 @@ def _gen(node: Node, library: Library, env: Env = ()) -> Iterator[str]:
         else:
             for texts in _parts(node.parts, library, env):
                 yield "".join(texts)
+    elif isinstance(node, (Wildcard, Variant)) and node.sampler in ("~", "@"):
+        draws = _draws(env)
+        if node.sampler == "~":
+            yield _sample(node, library, draws.rng, env)
+        else:
+            turn = draws.turns.get(id(node), 0)
+            draws.turns[id(node)] = turn + 1
+            yield _sample(_option(node, library, turn), library, draws.rng, env)
     elif isinstance(node, (Wildcard, NamedBy)):
         names = [node.name] if isinstance(node, Wildcard) else _names(node, library, env)
         for name in names:
@@ -1237,7 +1310,10 @@ def combinations(template: str | Seq, library: Library) -> Iterator[Expansion]:
     chosen = _choices(node)
 
     def stream() -> Iterator[Expansion]:
-        for texts in _parts(node.parts, library, ()):
+        # `~` draws from a generator seeded by the template: the same list on every run
+        seed = hashlib.sha256(str(template).encode(errors="surrogatepass")).hexdigest()
+        draws = _Draws(random.Random(seed))
+        for texts in _parts(node.parts, library, _with_draws(draws)):
             yield Expansion("".join(texts), tuple(texts[i] for i in chosen))
 
     return stream()
@@ -1266,6 +1342,8 @@ def _sample(node: Node, library: Library, rng: random.Random, env: Env = ()) -> 
         return node.text
     if isinstance(node, Seq):
         return "".join(_sample_parts(node.parts, library, rng, env))
+    if isinstance(node, (Wildcard, Variant)) and node.sampler in ("@", "!"):
+        return _sample(_option(node, library, _draws(env).draw), library, rng, env)
     if isinstance(node, (Wildcard, NamedBy)):
         name = node.name if isinstance(node, Wildcard) else \
             _sample(node.name, library, rng, env)
@@ -1311,12 +1389,15 @@ def _sample_parts(parts: Sequence[Node], library: Library, rng: random.Random,
     return texts
 
 
-def sample(template: str | Seq, library: Library, rng: random.Random) -> Expansion:
-    """One random expansion drawn with ``rng`` (weights apply); always one of combinations().
+def sample(template: str | Seq, library: Library, rng: random.Random,
+           draw: int = 0) -> Expansion:
+    """One random expansion drawn with ``rng`` (weights apply); one of combinations() for a
+    template without sampler prefixes. ``draw``: which of the job's prompts this is (the
+    ``@``/``!`` samplers take option ``draw``).
 
     Deterministic for a given ``random.Random(seed)``, whatever PYTHONHASHSEED is.
     """
     node = parse(template) if isinstance(template, str) else template
     count(node, library)
-    texts = _sample_parts(node.parts, library, rng, ())
+    texts = _sample_parts(node.parts, library, rng, _with_draws(_Draws(rng, draw)))
     return Expansion("".join(texts), tuple(texts[i] for i in _choices(node)))

@@ -409,9 +409,7 @@ def test_bad_structured_items(tmp_path: Path) -> None:
     ("a {b", "unclosed '{' at column 3"),
     ("{a|{b}", "unclosed '{' at column 1"),
     ("{3-1$$a|b}", "empty range 3-1$$ in variant at column 1"),
-    ("{~a|b}", "sampler prefix '~' in a variant is not supported at column 2"),
-    ("{@a|b}", "sampler prefix '@' in a variant is not supported at column 2"),
-    ("__~colors__", "sampler prefix '~' in __~colors__ is not supported at column 1"),
+    ("{2$$~a|b}", "sampler prefix '~' applies to a single pick, not to 2-2$$ at column 5"),
     ("{" * 40 + "}" * 40, f"variants nested more than {MAX_NESTING} deep at column 33"),
     ("x %{fox$$y}", "the wrapper of %{...$$...} needs `...` where the prompt goes at column 3"),
     ("%{a ...}", "the wrap command %{...} needs `$$` between the wrapper and the prompt"),
@@ -635,3 +633,22 @@ def test_variables_reach_wildcard_values_and_parameters_set_them(tmp_path: Path)
         count("${k} x", library)
     with pytest.raises(WildcardError, match=r"unclosed '\$\{k='"):
         parse("${k={a|b} x")
+
+
+def test_sampler_prefixes(lib: Library) -> None:
+    """SYNTAX.md's samplers: ``~`` random, ``@`` cyclical, ``!`` combinatorial, whatever the
+    job's mode; a ``~`` or ``@`` choice is made again for every expansion and counts once."""
+    assert count("{~a|b|c} {x|y}", lib) == 2
+    random_pick = texts("{x|y|z|w} {~a|b|c}", lib)
+    assert len(random_pick) == 4 and {t.split()[1] for t in random_pick} <= {"a", "b", "c"}
+    assert random_pick == texts("{x|y|z|w} {~a|b|c}", lib)        # the same list every run
+    assert texts("{@a|b} {x|y|z}", lib) == ["a x", "b y", "a z"]   # round and round
+    assert texts("__@colors/warm__ {1|2|3}", lib) == ["red 1", "orange 2", "red 3"]
+    assert texts("{!a|b} {x|y}", lib) == ["a x", "a y", "b x", "b y"]
+    # random mode: `@` and `!` take option n for the job's n-th prompt, `~` draws
+    assert [sample("{@a|b|c}", lib, random.Random(0), draw).text for draw in range(5)] == [
+        "a", "b", "c", "a", "b"]
+    assert [sample("__!colors/warm__", lib, random.Random(0), d).text for d in range(3)] == [
+        "red", "orange", "red"]
+    drawn = Counter(sample("{~1::a|3::b}", lib, random.Random(s)).text for s in range(2000))
+    assert 0.70 < drawn["b"] / 2000 < 0.80                          # weights hold
