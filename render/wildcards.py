@@ -712,6 +712,9 @@ class Library:
             # fnmatch: `*` also crosses `/`, `?` is one character, `[c]`/`[!c]` classes
             pattern = re.compile(fnmatch.translate(name.strip("/")))
             matched = sorted(n for n in index if pattern.fullmatch(n))
+            if not matched:   # `**/pattern`, as for a plain name
+                pattern = re.compile(fnmatch.translate("*/" + name.strip("/")))
+                matched = sorted(n for n in index if pattern.fullmatch(n))
             if not matched:
                 raise WildcardError(
                     label, f"wildcard {label} matches no wildcard ({self._looked_in()})")
