@@ -1029,19 +1029,23 @@ def _comb_reaches(n: int, k: int, limit: int) -> bool:
 def _pool(variant: Variant, library: Library) -> tuple[list[Seq], list[float], str | None]:
     """The nodes a variant chooses among, their weights, and the pooled wildcard's name.
 
-    A pick of several chooses without replacement (SYNTAX.md): options written twice are
-    one option, with their weights added (``{2$$a|a|b}`` never gives "a, a"). A single pick
-    keeps them: ``{a|a|b}`` is A1111 users' way to weight a.
+    A pick of several chooses options without replacement (SYNTAX.md): a text option
+    written twice is one option, with the weights added (``{2$$a|a|b}`` never gives "a, a").
+    Two options that are wildcards or variants stay two, and may expand to the same value:
+    SYNTAX.md says ``{2$$__x__|__x__}`` is possible "but the first version will guarantee no
+    duplicates". A single pick keeps every option: ``{a|a|b}`` weights a.
     """
     wildcard = variant.pooled
     if (variant.lo, variant.hi) == (1, 1):
         return [o.body for o in variant.options], [o.weight for o in variant.options], None
     if wildcard is not None:
         return (*library._pool(wildcard.name), wildcard.name)
-    merged: dict[Seq, float] = {}
-    for option in variant.options:
-        merged[option.body] = merged.get(option.body, 0.0) + option.weight
-    return list(merged), list(merged.values()), None
+    merged: dict[Seq | int, tuple[Seq, float]] = {}
+    for i, option in enumerate(variant.options):
+        key = option.body if all(isinstance(p, Literal) for p in option.body.parts) else i
+        body, weight = merged.get(key, (option.body, 0.0))
+        merged[key] = (body, weight + option.weight)
+    return [b for b, _ in merged.values()], [w for _, w in merged.values()], None
 
 
 def _option(node: Wildcard | Variant, library: Library, turn: int) -> Seq:
