@@ -173,13 +173,19 @@ def test_automatic_batch_sizes_on_ray_stay_within_float_noise_of_local(tmp_path,
 
 # -- failures --------------------------------------------------------------------------------
 
-def test_a_failing_task_fails_alone_on_ray(tmp_path, kit, cluster, deadline, capsys):
-    job = write_job(tmp_path, kit, "jobs:\n  - name: k\n    prompt: x\n    seeds: 2\n"
-                                   "    grid: {prompt: [a barn, a cursed barn, a house]}\n")
-    code = main([str(job), "-q", "--batch-size", "2", "--executor", "ray", "--workers", "2",
-                 "--plugins-dir", str(FAULTS)])
+def run_faulty(tmp_path: Path, kit: Path, prompts: str, batch: int, seeds: int,
+               capsys: pytest.CaptureFixture[str]) -> str:
+    """A grid of ``prompts`` on 2 Ray workers with the fault plugin: exit 1, its stderr."""
+    job = write_job(tmp_path, kit, f"jobs:\n  - name: k\n    prompt: x\n    seeds: {seeds}\n"
+                                   f"    grid: {{prompt: [{prompts}]}}\n")
+    code = main([str(job), "-q", "--batch-size", str(batch), "--executor", "ray",
+                 "--workers", "2", "--plugins-dir", str(FAULTS)])
     assert code == 1
-    err = capsys.readouterr().err
+    return capsys.readouterr().err
+
+
+def test_a_failing_task_fails_alone_on_ray(tmp_path, kit, cluster, deadline, capsys):
+    err = run_faulty(tmp_path, kit, "a barn, a cursed barn, a house", 2, 2, capsys)
     assert "2 failed" in err and "ValueError: cursed prompt 'a cursed barn'" in err
     with Ledger(tmp_path / "out") as ledger:
         rows = ledger.rows(job="k")
@@ -194,12 +200,7 @@ def test_a_task_that_kills_every_worker_it_meets_fails_alone(tmp_path, kit, clus
     """A task whose render kills the process (a CUDA crash, a segfault): its batch goes to a
     second worker, then its tasks one by one, each again on two workers; the poisonous one
     fails alone with that error, Ray restarts the workers and every other task renders."""
-    job = write_job(tmp_path, kit, "jobs:\n  - name: k\n    prompt: x\n"
-                                   "    grid: {prompt: [a barn, a poison barn, a house]}\n")
-    code = main([str(job), "-q", "--batch-size", "3", "--executor", "ray", "--workers", "2",
-                 "--plugins-dir", str(FAULTS)])
-    assert code == 1
-    err = capsys.readouterr().err
+    err = run_faulty(tmp_path, kit, "a barn, a poison barn, a house", 3, 1, capsys)
     assert "1 failed" in err
     assert re.search(r"died, on workers (0, 1|1, 0)", err), err
     # the batch, then the task alone, on each worker: each worker restarted twice
