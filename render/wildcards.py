@@ -23,7 +23,7 @@ Syntax (``{``, ``}``, ``|`` and ``$$`` are special only as described; everything
 ``{2$$ and $$a|b|c}``       custom joiner (any text without ``$``, ``{``, ``}``)
 ``{2$$__name__}``           2 distinct values of one wildcard (the only option is it)
 ``__name__``                a value of ``name.txt`` (or a yaml/json key) in wildcard dirs
-``__sub/dir/name__``        a file in a subfolder, or a nested yaml/json key
+``__sub/dir/name__``        a file in a subfolder, or a nested yaml/json key (``\`` is ``/`` too)
 ``__dir/*__``, ``__*/x__``  glob (``*`` also crosses ``/``, ``?`` is one character,
                             ``[c]``/``[!c]`` classes): the union of the matching values
 ``__name__`` not found      ``**/name``: the name under any folder (their union)
@@ -348,7 +348,8 @@ class Expansion:
 _PLAIN = re.compile(r"[^\\{}|$_#%]+")
 _ESCAPABLE = "{}|_#"
 _NAME_EDGE = r"[^\s_{}|()\\$]"
-_WILDCARD = re.compile(rf"__({_NAME_EDGE}(?:(?:(?!__)[^\n\r{{}}|()\\$])*{_NAME_EDGE})?)__")
+_WILDCARD = re.compile(rf"__({_NAME_EDGE}(?:(?:(?!__)[^\n\r{{}}|()$])*{_NAME_EDGE})?)__")
+_SEPARATORS = re.compile(r"[\\/]+")   # `__dir\name__` (Windows packs) is `__dir/name__`
 _PARAMETERISED = re.compile(rf"__{_NAME_EDGE}(?:(?!__)[^\n\r{{}}|()\\$])*\([^)\n]*\)__")
 _BOUND = re.compile(r"\s*(?:(\d+)(?:(-)(\d+)?)?|-(\d+))\$\$")
 _JOINER = re.compile(r"([^${}]*)\$\$")
@@ -439,7 +440,7 @@ class _Parser:
                     name = m.group(1)
                     sampler = name[0] if name[0] in "~@!" else ""
                     flush()
-                    parts.append(Wildcard(name[len(sampler):], sampler))
+                    parts.append(Wildcard(_SEPARATORS.sub("/", name[len(sampler):]), sampler))
                     self.i = m.end()
                     continue
                 p = _PARAMETERISED.match(s, self.i)
