@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from render import __version__
 from render.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, JobErrors, UserError
+from render.executors import EXECUTORS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch device (cuda, cuda:1, mps, cpu); default: best available")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="weights dtype; default bf16/fp16 on GPUs, fp32 on CPU")
-    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+    parser.add_argument("--executor", choices=EXECUTORS, default="local",
                         help="where batches render: in this process (default), or on Ray "
                              "workers, one per GPU of this box or of a Ray cluster "
                              "(pip install 'render[ray]')")

@@ -82,11 +82,9 @@ class Runner:
     """Renders planned tasks; one instance per invocation."""
 
     def __init__(self, plans: list[JobPlan], plugins: Plugins, args: Any,
-                 executor: Any = None) -> None:
-        from render.executors.local import LocalExecutor
-
+                 executor: Any) -> None:
         self.plans = plans
-        self.executor = executor if executor is not None else LocalExecutor(plugins, args)
+        self.executor = executor   # render.executors: where the batches render
         self.plugins = plugins
         self.hook = plugins.pm.hook
         self.args = args

@@ -41,9 +41,10 @@ Decisions (where dynamicprompts differs, or is silent):
   order; a multi-pick lists k = low..high, then index orderings in lexicographic order.
 * ``{k$$...}`` picks k distinct options *in order*, as SYNTAX.md documents ("vanilla,
   chocolate"): ``{2$$a|b|c}`` gives P(3,2) = 6 expansions; a random pick keeps the order it
-  drew, so every :func:`sample` is one of the :func:`combinations`. Options written twice
-  are one (their weights added): ``{2$$a|a|b}`` never gives "a, a". Bounds are clamped to
-  the number of options; empty picks are dropped before joining (no dangling separators).
+  drew, so every :func:`sample` is one of the :func:`combinations`. A text option written
+  twice is one (the weights added): ``{2$$a|a|b}`` never gives "a, a"; two wildcard options
+  may give the same value (see :func:`_pool`). Bounds are clamped to the number of
+  options; empty picks are dropped before joining (no dangling separators).
 * Default joiner ``", "`` as documented by dynamicprompts (its code joins with ``","``).
 * Whitespace: as dynamicprompts, the whitespace at the start of each option (before its
   weight) is dropped and nothing else; wildcard values are stripped at both ends.
@@ -355,7 +356,7 @@ _BOUND = re.compile(r"\s*(?:(\d+)(?:(-)(\d+)?)?|-(\d+))\$\$")
 _JOINER = re.compile(r"([^${}]*)\$\$")
 _WEIGHT = re.compile(r"(\d+(?:\.\d*)?|\.\d+)::")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_VARIABLE = re.compile(r"\$\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*([=:}])")
+_VARIABLE = re.compile(rf"\$\{{\s*({_NAME.pattern})\s*([=:}}])")
 _MODE_HINT = " (the job's `wildcards:` random/combinatorial mode decides how choices are made)"
 
 
@@ -1100,6 +1101,12 @@ def _count(node: Node, library: Library, stack: tuple[str, ...], env: Env = ()) 
     return _orderings_total(counts, lo, hi)
 
 
+def _declared(env: Env, assign: Assign) -> Env:
+    """``env`` with ``assign``'s variable, as counting and length bounds see it (its value's
+    template; an immediate one's uses count once)."""
+    return (*env, (assign.name, _Bound(assign.value, env, once=assign.immediate)))
+
+
 def _count_parts(parts: Sequence[Node], library: Library, stack: tuple[str, ...],
                  env: Env) -> int:
     """Parts one after another; an assignment sets its variable for the parts after it (an
@@ -1109,7 +1116,7 @@ def _count_parts(parts: Sequence[Node], library: Library, stack: tuple[str, ...]
         if isinstance(part, Assign):
             if part.immediate:
                 total = _capped(total * _count(part.value, library, stack, env))
-            env = (*env, (part.name, _Bound(part.value, env, once=part.immediate)))
+            env = _declared(env, part)
         else:
             total = _capped(total * _count(part, library, stack, env))
     return total
@@ -1140,7 +1147,7 @@ def _longest(node: Node, library: Library, env: Env = ()) -> int:
         total = 0
         for part in node.parts:
             if isinstance(part, Assign):
-                env = (*env, (part.name, _Bound(part.value, env, once=part.immediate)))
+                env = _declared(env, part)
             else:
                 total = _capped(total + _longest(part, library, env))
         return total

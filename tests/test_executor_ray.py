@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,10 +28,10 @@ from render.ledger import Ledger
 from render.tasks import Batch, Task
 from render.testing.checks import done_count
 from render.testing.processes import (
-    ROOT,
     descendants,
     ray_workers,
     render_process,
+    render_run,
     wait_for,
 )
 
@@ -261,14 +260,9 @@ def test_sigterm_on_the_driver_finishes_the_batches_in_flight_and_stops(tmp_path
     check_whole_and_recorded(out, "k", 16)
 
 
-def _env(**extra: str) -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **extra)
-
-
 def rerun(*args: str) -> subprocess.CompletedProcess[str]:
     """The CLI run to its end in a child process (with a timeout)."""
-    return subprocess.run([sys.executable, str(ROOT / "render.py"), *args], env=_env(),
-                          cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    return render_run(*args, timeout=TIMEOUT)
 
 
 # -- user mistakes: one line, exit 2, nothing written -----------------------------------------

@@ -16,7 +16,7 @@ EXECUTORS = ("local", "ray")
 
 def make_executor(plugins: Any, args: Any) -> Any:
     """The executor ``--executor`` names, not started (a Ray cluster starts in ``check``)."""
-    if getattr(args, "executor", "local") == "ray":
+    if args.executor == "ray":
         from render.executors.ray_workers import RayExecutor
 
         return RayExecutor(plugins, args)

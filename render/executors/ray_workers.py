@@ -244,12 +244,10 @@ class RayExecutor:
 
     def close(self) -> None:
         """Stop our workers; shut Ray down when this run started it."""
-        if importlib.util.find_spec("ray") is None:
-            return
+        if not self.workers and not self.started_ray:
+            return   # nothing of ours is running (Ray missing, or no work)
         import ray
 
-        if not ray.is_initialized():
-            return
         for worker in self.workers:
             with contextlib.suppress(Exception):   # already gone
                 ray.kill(worker.actor, no_restart=True)
@@ -390,11 +388,8 @@ class RayExecutor:
     def describe(self, result: Result) -> dict[str, Any]:
         """Device, dtype and versions of the worker that rendered ``result``."""
         where = result.executor
-        for worker in self.workers:
-            found = worker.described.get((where.get("worker"), where.get("pid")))
-            if found is not None:
-                return found
-        return {}
+        worker = self.workers[where["worker"]]
+        return worker.described.get((where["worker"], where["pid"]), {})
 
     def worker_lines(self) -> list[str]:
         """Per-worker throughput for the summary: images, busy time, images per busy second."""

@@ -19,14 +19,24 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child run: this one, this checkout first, one torch thread."""
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(extra or {}))
+
+
 def render_process(*args: str, env: dict[str, str] | None = None,
                    **kw: Any) -> subprocess.Popen[str]:
     """``python render.py ARGS`` started from the checkout, output captured as text;
     ``env``: variables to set besides the usual ones."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.Popen([sys.executable, str(ROOT / "render.py"), *args], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **kw)
+                            env=child_env(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def render_run(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``python render.py ARGS`` run to its end (within ``timeout`` seconds), as above."""
+    return subprocess.run([sys.executable, str(ROOT / "render.py"), *args], cwd=ROOT,
+                          env=child_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def wait_for(predicate: Callable[[], bool], proc: subprocess.Popen[str],
